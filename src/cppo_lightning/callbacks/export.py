@@ -1,0 +1,28 @@
+"""Export the trained policy in Hugging Face format at the end of fit."""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as pl
+
+from cppo_lightning.module import CPPOModule
+
+
+class ExportPolicy(pl.Callback):
+    """Writes the policy (LoRA merged) and its processor with ``save_pretrained`` when fit ends.
+
+    Args:
+        dirname: Folder, relative to the trainer's log directory unless absolute.
+    """
+
+    def __init__(self, dirname: str = "hf_policy") -> None:
+        self.dirname = dirname
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not isinstance(pl_module, CPPOModule) or not trainer.is_global_zero:
+            return
+        target = self.dirname
+        if not os.path.isabs(target):
+            target = os.path.join(trainer.log_dir or trainer.default_root_dir, target)
+        pl_module.save_pretrained(target)

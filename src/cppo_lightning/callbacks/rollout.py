@@ -1,0 +1,63 @@
+"""When to sample: one rollout batch right before every training step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+from cppo_lightning.module import CPPOModule
+
+
+class RolloutCallback(pl.Callback):
+    """Samples G responses per prompt with the current policy before each training step and
+    hands the scored :class:`~cppo_lightning.records.RolloutBatch` to the module.
+
+    Args:
+        group_size: G, responses sampled per prompt (at least 2).
+        max_new_tokens: Longest response, in tokens.
+        temperature: Sampling temperature (> 0).
+        top_p: Nucleus sampling mass; 1.0 keeps the whole distribution.
+        top_k: Top-k sampling; 0 keeps the whole vocabulary.
+    """
+
+    def __init__(
+        self,
+        group_size: int = 4,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+    ) -> None:
+        if group_size < 2:
+            raise ValueError(f"rollout.group_size must be >= 2 for group advantages, got {group_size}.")
+        if max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens must be >= 1, got {max_new_tokens}.")
+        if temperature <= 0:
+            raise ValueError(f"rollout.temperature must be > 0 for RL sampling, got {temperature}.")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {top_p}.")
+        self.group_size = group_size
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not isinstance(pl_module, CPPOModule):
+            raise TypeError(f"RolloutCallback needs a CPPOModule, got {type(pl_module).__name__}.")
+        if pl_module.group_size != self.group_size:
+            raise ValueError(
+                f"rollout.group_size={self.group_size} but model.group_size={pl_module.group_size}: "
+                "set them equal (the `cppo` CLI links them)."
+            )
+        rollout = pl_module.collect_rollout(
+            batch,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+        )
+        pl_module.set_rollout(rollout)

@@ -1,0 +1,421 @@
+"""The LightningModule: owns the policy, the frozen reference and the optimisation of one step.
+
+One training step = one rollout batch of B prompts x G responses (collected by
+:class:`~cppo_lightning.callbacks.RolloutCallback` just before the step), split into mini-batches
+(one optimizer step each) and micro-batches (gradient accumulation). The math lives in
+:mod:`cppo_lightning.losses`; this file only wires it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
+
+from cppo_lightning.losses import aggregate, group_advantages, kl_estimate, policy_loss
+from cppo_lightning.policy import (
+    DEFAULT_MODEL,
+    load_policy,
+    load_processor,
+    response_logits,
+    suppressed_token_ids,
+    token_logps,
+)
+from cppo_lightning.records import PromptBatch, RolloutBatch
+from cppo_lightning.rewards import WeightedReward
+from cppo_lightning.rollout import collect_rollouts
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    """LoRA adapters through peft; the frozen reference is then the base model with adapters off.
+
+    Args:
+        r: Rank of the adapters.
+        alpha: Scaling numerator (the update is scaled by alpha / r).
+        dropout: Dropout on the adapter input.
+        target_modules: Module names to adapt (q_proj/v_proj reach the language model only).
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+
+class CPPOModule(LightningModule):
+    """RL fine-tuning of a vision-language policy (GRPO objective).
+
+    Args:
+        model_name_or_path: Hugging Face hub name, local path, or ``builtin:NAME`` for a model
+            shipped with the package (``builtin:tiny-qwen2.5-vl`` is the CPU default).
+        dtype: Weight dtype of policy and reference (float32, bfloat16, float16).
+        attn_implementation: transformers attention backend (``sdpa``, ``eager``,
+            ``flash_attention_2``); the model's default when None.
+        lora: LoRA settings; None trains all weights against a frozen deep copy.
+        reward: Reward terms and weights; the paper's 0.9 accuracy + 0.1 format when None.
+        group_size: G, responses per prompt. Linked from ``rollout.group_size``.
+        temperature: Sampling temperature; log-probs are computed from ``logits / temperature``
+            as in the sampler. Linked from ``rollout.temperature``.
+        mini_batch_size: Prompts per optimizer step; the whole rollout batch when None. With
+            more than one mini-batch the old log-probs are recomputed before the first update.
+        micro_batch_size: Responses per forward/backward (gradient accumulation inside a
+            mini-batch); bounds activation memory.
+        clip_low: PPO clip range below 1 (eps_low).
+        clip_high: PPO clip range above 1 (eps_high; > clip_low is DAPO's clip-higher).
+        dual_clip: Dual-clip constant c for negative advantages (> 1); None disables it.
+        kl_coef: beta, weight of the KL to the frozen reference; 0 skips the reference pass.
+        kl_estimator: ``k3`` (default), ``k1`` or ``k2``.
+        loss_agg: ``token-mean`` (default), ``seq-mean-token-mean`` or ``seq-sum-constant``
+            (Dr. GRPO, normalised by ``max_new_tokens``).
+        advantage_scale: ``group`` std (default), ``batch`` std, or ``none``.
+        max_grad_norm: Gradient clipping by total norm; 0 disables it.
+        max_new_tokens: Longest response; the Dr. GRPO normaliser. Linked from
+            ``rollout.max_new_tokens``.
+        val_temperature: Sampling temperature of held-out evaluation; 0 is greedy decoding.
+        optimizer: Optimizer factory; AdamW(lr=1e-6, weight_decay=0.0) when None.
+        lr_scheduler: Optional scheduler factory, stepped after every optimizer step.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = DEFAULT_MODEL,
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        lora: LoraSettings | None = None,
+        reward: WeightedReward | None = None,
+        group_size: int = 4,
+        temperature: float = 1.0,
+        mini_batch_size: int | None = None,
+        micro_batch_size: int = 16,
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        dual_clip: float | None = 3.0,
+        kl_coef: float = 0.01,
+        kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+        loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-sum-constant"] = "token-mean",
+        advantage_scale: Literal["group", "batch", "none"] = "group",
+        max_grad_norm: float = 1.0,
+        max_new_tokens: int = 64,
+        val_temperature: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if group_size < 2:
+            raise ValueError(f"group_size must be >= 2 for group advantages, got {group_size}.")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}.")
+        if mini_batch_size is not None and mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1 or null, got {mini_batch_size}.")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for RL sampling, got {temperature}.")
+        if dual_clip is not None and dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 (or null to disable), got {dual_clip}.")
+        self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler"])
+        self.model_name_or_path = model_name_or_path
+        self.lora = lora
+        self.reward = reward if reward is not None else WeightedReward()
+        self.group_size = group_size
+        self.temperature = temperature
+        self.mini_batch_size = mini_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.clip_low, self.clip_high, self.dual_clip = clip_low, clip_high, dual_clip
+        self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
+        self.loss_agg, self.advantage_scale = loss_agg, advantage_scale
+        self.max_grad_norm = max_grad_norm
+        self.max_new_tokens = max_new_tokens
+        self.val_temperature = val_temperature
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        # Manual optimisation: one rollout batch makes several optimizer steps.
+        self.automatic_optimization = False
+        # Checkpoints hold only trainable weights (see on_save_checkpoint).
+        self.strict_loading = False
+        self.policy: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None
+        self.processor: Any = None
+        self._rollout: RolloutBatch | None = None
+        self.val_metrics = torch.nn.ModuleDict(
+            {name: MeanMetric() for name in ("accuracy", "reward", "response_length")}
+        )
+
+    # ------------------------------------------------------------------ model set-up
+    def configure_model(self) -> None:
+        """Load policy, reference and processor (once; the trainer calls this under its strategy)."""
+        if self.policy is not None:
+            return
+        self.processor = load_processor(self.model_name_or_path)
+        policy = load_policy(self.model_name_or_path, self.hparams.dtype, self.hparams.attn_implementation)
+        if self.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=self.lora.r,
+                lora_alpha=self.lora.alpha,
+                lora_dropout=self.lora.dropout,
+                target_modules=list(self.lora.target_modules),
+            )
+            self.policy = get_peft_model(policy, config)
+        else:
+            self.policy = policy
+            self.reference = copy.deepcopy(policy).requires_grad_(False).eval()
+        self.suppress_token_ids = suppressed_token_ids(self.processor)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.trainable_parameters()]
+        optimizer = (
+            self.optimizer_factory(params)
+            if self.optimizer_factory is not None
+            else torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
+        )
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+
+    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
+        assert self.policy is not None, "configure_model() has not run"
+        return (p for p in self.policy.parameters() if p.requires_grad)
+
+    def train(self, mode: bool = True) -> CPPOModule:
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # the reference never trains, dropout stays off
+        return self
+
+    # ------------------------------------------------------------------ rollouts
+    def collect_rollout(
+        self, prompts: PromptBatch, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int
+    ) -> RolloutBatch:
+        """Sample G responses per prompt with the current policy and score them."""
+        assert self.policy is not None
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            return collect_rollouts(
+                self.policy,
+                self.processor,
+                prompts,
+                self.reward,
+                group_size=self.group_size,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                suppress_token_ids=self.suppress_token_ids,
+            )
+        finally:
+            self.policy.train(was_training)
+
+    def set_rollout(self, rollout: RolloutBatch) -> None:
+        """Hand over the rollout batch that the next ``training_step`` learns from."""
+        self._rollout = rollout
+
+    def _take_rollout(self, batch: PromptBatch) -> RolloutBatch:
+        rollout, self._rollout = self._rollout, None
+        if rollout is None or rollout.prompts is not batch:
+            raise RuntimeError(
+                "no rollout for this batch: add cppo_lightning.callbacks.RolloutCallback to the "
+                "trainer's callbacks (the `cppo` CLI adds it, configured under `rollout:`)."
+            )
+        return rollout
+
+    # ------------------------------------------------------------------ training
+    def sequence_logps(
+        self, model: torch.nn.Module, rollout: RolloutBatch, index: torch.Tensor
+    ) -> torch.Tensor:
+        """``[n, L]`` log-probs of the sampled tokens of responses ``index`` under ``model``."""
+        response_ids = rollout.response_ids[index]
+        logits = response_logits(
+            model, rollout.prompts, rollout.prompt_index[index], response_ids, rollout.response_mask[index]
+        )
+        return token_logps(logits, response_ids, self.temperature)
+
+    def _reference_logps(self, rollout: RolloutBatch, index: torch.Tensor) -> torch.Tensor:
+        if self.reference is not None:
+            return self.sequence_logps(self.reference, rollout, index)
+        assert self.policy is not None
+        with self.policy.disable_adapter():  # type: ignore[operator]
+            return self.sequence_logps(self.policy, rollout, index)
+
+    @torch.no_grad()
+    def prepare_update(self, rollout: RolloutBatch) -> RolloutBatch:
+        """Add advantages, old log-probs (only if several mini-batches) and reference log-probs."""
+        advantages = group_advantages(rollout.rewards, rollout.group_size, scale=self.advantage_scale)
+        chunks = list(self._micro_batches(torch.arange(rollout.num_responses, device=self.device)))
+        old_logp = ref_logp = None
+        if len(self._mini_batches(rollout)) > 1:
+            old_logp = torch.cat([self.sequence_logps(self.policy, rollout, i) for i in chunks])
+        if self.kl_coef > 0:
+            ref_logp = torch.cat([self._reference_logps(rollout, i) for i in chunks])
+        return dataclasses.replace(rollout, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp)
+
+    def _mini_batches(self, rollout: RolloutBatch) -> list[torch.Tensor]:
+        prompts = rollout.prompts.num_prompts
+        size = self.mini_batch_size or prompts
+        if prompts % size:
+            raise ValueError(
+                f"the rollout batch has {prompts} prompts, not a multiple of "
+                f"model.mini_batch_size={size}: make data.batch_size a multiple of it."
+            )
+        index = torch.arange(rollout.num_responses, device=self.device)
+        return list(index.split(size * rollout.group_size))
+
+    def _micro_batches(self, index: torch.Tensor) -> Iterator[torch.Tensor]:
+        return iter(index.split(self.micro_batch_size))
+
+    def compute_loss(self, rollout: RolloutBatch, index: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """GRPO loss of one micro-batch: clipped surrogate + beta * KL(policy || reference)."""
+        assert self.policy is not None and rollout.advantages is not None
+        mask = rollout.response_mask[index]  # [n, L]
+        logp = self.sequence_logps(self.policy, rollout, index)  # [n, L]
+        old_logp = rollout.old_logp[index] if rollout.old_logp is not None else logp.detach()
+        loss, stats = policy_loss(
+            logp,
+            old_logp,
+            rollout.advantages[index],
+            mask,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            dual_clip=self.dual_clip,
+            agg=self.loss_agg,
+            agg_constant=self.max_new_tokens,
+        )
+        stats = {f"train/{k}": v for k, v in stats.items()}
+        stats["train/policy_loss"] = loss.detach()
+        if self.kl_coef > 0:
+            assert rollout.ref_logp is not None
+            kl = aggregate(
+                kl_estimate(logp, rollout.ref_logp[index], kind=self.kl_estimator),
+                mask,
+                self.loss_agg,
+                self.max_new_tokens,
+            )
+            loss = loss + self.kl_coef * kl
+            stats["train/kl"] = kl.detach()
+        stats["train/loss"] = loss.detach()
+        return loss, stats
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        rollout = self.prepare_update(self._take_rollout(batch))
+        start = time.perf_counter()
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        sums: dict[str, float] = {}
+        count = 0
+        for mini in self._mini_batches(rollout):
+            optimizer.zero_grad()
+            micros = list(self._micro_batches(mini))
+            for micro in micros:
+                loss, stats = self.compute_loss(rollout, micro)
+                self.manual_backward(loss / len(micros))
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                count += 1
+            grad_norm = self._clip_gradients()
+            sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + grad_norm * len(micros)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()  # type: ignore[union-attr]
+        metrics = {key: value / count for key, value in sums.items()}
+        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+        metrics["train/update_seconds"] = time.perf_counter() - start
+        metrics.update(rollout_metrics(rollout))
+        self.log_dict(metrics, batch_size=rollout.num_responses)
+        self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False)
+
+    def _clip_gradients(self) -> float:
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        if self.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        return float(norm)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Stopping through should_stop makes Lightning validate after the last step, so the run
+        # always ends with a held-out measurement.
+        if self.trainer.max_steps > 0 and self.global_step >= self.trainer.max_steps:
+            self.trainer.should_stop = True
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        assert self.policy is not None
+        rollout = collect_rollouts(
+            self.policy,
+            self.processor,
+            batch,
+            self.reward,
+            group_size=1,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.val_temperature,
+            suppress_token_ids=self.suppress_token_ids,
+        )
+        accuracy = rollout.reward_terms.get("accuracy", rollout.rewards)
+        self.val_metrics["accuracy"].update(accuracy)
+        self.val_metrics["reward"].update(rollout.rewards)
+        self.val_metrics["response_length"].update(rollout.response_mask.sum(1).float())
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = {f"val/{name}": metric.compute() for name, metric in self.val_metrics.items()}
+        for metric in self.val_metrics.values():
+            metric.reset()
+        if self.trainer.sanity_checking:
+            # Lightning drops what is logged during the sanity check; this check runs the held-out
+            # set before the first update, which is the baseline a run is judged against.
+            for logger in self.loggers:
+                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.global_step)
+            return
+        self.log_dict(metrics)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Keep the trainable state only: the frozen reference and frozen base weights are
+        # reloaded from model_name_or_path.
+        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}  # type: ignore[union-attr]
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}  # type: ignore[union-attr]
+        missing = sorted(trainable - set(checkpoint["state_dict"]))
+        if missing:
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} trainable weights of this model "
+                f"(e.g. {missing[:3]}): it was written with another model or LoRA setting; "
+                "resume with the same model_name_or_path and lora as the run that wrote it."
+            )
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write the policy (LoRA merged) and its processor in Hugging Face format."""
+        assert self.policy is not None
+        policy = self.policy
+        if self.lora is not None:
+            policy = copy.deepcopy(policy).merge_and_unload()  # type: ignore[operator]
+        policy.save_pretrained(directory)  # type: ignore[operator]
+        self.processor.save_pretrained(directory)
+
+
+def rollout_metrics(rollout: RolloutBatch) -> dict[str, float]:
+    """Scalars that describe a rollout batch (rewards, lengths, degenerate groups)."""
+    rewards = rollout.rewards.float()
+    groups = rewards.view(-1, rollout.group_size)
+    metrics = {
+        "rollout/reward_mean": float(rewards.mean()),
+        "rollout/reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "rollout/response_length": float(rollout.response_mask.sum(1).float().mean()),
+        "rollout/zero_variance_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
+        "rollout/seconds": rollout.rollout_seconds,
+    }
+    for name, values in rollout.reward_terms.items():
+        metrics[f"rollout/{name}"] = float(values.float().mean())
+    return metrics

@@ -1,0 +1,142 @@
+"""Sampling G responses per prompt with Hugging Face ``generate``, and scoring them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import ProcessorMixin
+
+from cppo_lightning.records import PromptBatch, RolloutBatch
+
+Scorer = Callable[[Sequence[str], Mapping[str, Sequence[Any]]], tuple[torch.Tensor, dict]]
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """1 up to and including the first end-of-sequence token of each row, 0 after it.
+
+    Shape:
+        response_ids: ``[N, L]``; returns ``[N, L]`` long.
+    """
+    is_eos = torch.isin(response_ids, torch.tensor(list(eos_token_ids), device=response_ids.device))
+    # Number of eos tokens strictly before each position: 0 means the position is still valid.
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # [N, L]
+    return (eos_before == 0).long()
+
+
+@torch.no_grad()
+def generate_responses(
+    policy: torch.nn.Module,
+    processor: ProcessorMixin,
+    prompts: PromptBatch,
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    suppress_token_ids: Sequence[int] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``num_samples`` responses for each prompt (greedy when ``temperature == 0``).
+
+    Returns:
+        ``(response_ids [B * num_samples, L], response_mask [B * num_samples, L])`` with the
+        responses of one prompt contiguous.
+    """
+    tokenizer = processor.tokenizer  # type: ignore[attr-defined]
+    eos_ids = _eos_token_ids(policy, tokenizer)
+    inputs: dict[str, Any] = {
+        "input_ids": prompts.input_ids,
+        "attention_mask": prompts.attention_mask,
+        "pixel_values": prompts.pixel_values,
+        "image_grid_thw": prompts.image_grid_thw,
+    }
+    if prompts.mm_token_type_ids is not None:
+        inputs["mm_token_type_ids"] = prompts.mm_token_type_ids
+    sampling: dict[str, Any] = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    sequences = policy.generate(  # type: ignore[operator]
+        **inputs,
+        **sampling,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_samples,
+        suppress_tokens=list(suppress_token_ids) or None,
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+    response_ids = sequences[:, prompts.input_ids.shape[1] :]  # [N, L]
+    response_mask = response_mask_from_ids(response_ids, eos_ids)
+    response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+    return response_ids, response_mask
+
+
+def _eos_token_ids(policy: torch.nn.Module, tokenizer: Any) -> list[int]:
+    configured = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+    ids = set(configured if isinstance(configured, list) else [configured] if configured else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def decode_responses(
+    processor: ProcessorMixin, response_ids: torch.Tensor, response_mask: torch.Tensor
+) -> list[str]:
+    """Decode the valid tokens of each response, special tokens dropped."""
+    tokenizer = processor.tokenizer  # type: ignore[attr-defined]
+    return [
+        tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
+        for ids, mask in zip(response_ids, response_mask, strict=True)
+    ]
+
+
+def repeat_columns(columns: Mapping[str, Sequence[Any]], times: int) -> dict[str, list[Any]]:
+    """Repeat each prompt's column values ``times`` times, so they align with its responses."""
+    return {name: [v for v in values for _ in range(times)] for name, values in columns.items()}
+
+
+def collect_rollouts(
+    policy: torch.nn.Module,
+    processor: ProcessorMixin,
+    prompts: PromptBatch,
+    scorer: Scorer,
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    suppress_token_ids: Sequence[int] = (),
+) -> RolloutBatch:
+    """Generate G responses per prompt, decode and score them into a :class:`RolloutBatch`."""
+    start = time.perf_counter()
+    response_ids, response_mask = generate_responses(
+        policy,
+        processor,
+        prompts,
+        num_samples=group_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        suppress_token_ids=suppress_token_ids,
+    )
+    texts = decode_responses(processor, response_ids, response_mask)
+    rewards, terms = scorer(texts, repeat_columns(prompts.columns, group_size))
+    device = response_ids.device
+    return RolloutBatch(
+        prompts=prompts,
+        prompt_index=torch.arange(prompts.num_prompts, device=device).repeat_interleave(group_size),
+        response_ids=response_ids,
+        response_mask=response_mask,
+        texts=texts,
+        rewards=rewards.to(device),
+        reward_terms={k: v.to(device) for k, v in terms.items()},
+        group_size=group_size,
+        rollout_seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,213 @@
+"""Build tiny vision-language models offline: the embedded default and the models tests use.
+
+The embedded default (``builtin:tiny-qwen2.5-vl``) is a real ``Qwen2_5_VLForConditionalGeneration``
+with a byte-level BPE tokenizer trained on the synthetic task's text and a Qwen image processor,
+warm-started by a short supervised phase on the synthetic task so that RL starts from a policy
+that is sometimes right. ``scripts/build_tiny_model.py`` rebuilds it from a seed.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import datasets
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from cppo_lightning.data.datamodule import PromptCollator
+from cppo_lightning.data.synthetic import INSTRUCTION, corpus
+from cppo_lightning.policy import Qwen2_5_VLImageProcessor, suppressed_token_ids
+from cppo_lightning.rewards import accuracy_reward
+from cppo_lightning.rollout import decode_responses, generate_responses
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# Qwen's chat format, reduced to what single-image prompts need.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (all 256 bytes in the alphabet) with Qwen's special tokens."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLImageProcessor:
+    """Qwen image processor sized for 112 x 112 images (16 image tokens each)."""
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2
+    )
+    return Qwen2_5_VLImageProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
+
+
+def tiny_config(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    vision_hidden_size: int = 64,
+    vision_depth: int = 2,
+) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config small enough for CPU training (about 0.9M parameters by default)."""
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = hidden_size // 4
+    return Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+            "bos_token_id": ids("<|endoftext|>"),
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>"),
+            # M-RoPE sections (temporal, height, width) must add up to head_dim / 2.
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [head_dim // 8, head_dim // 16 * 3, head_dim // 16 * 3],
+            },
+        },
+        vision_config={
+            "depth": vision_depth,
+            "hidden_size": vision_hidden_size,
+            "intermediate_size": 2 * vision_hidden_size,
+            "num_heads": 2,
+            "out_hidden_size": hidden_size,
+            "fullatt_block_indexes": [vision_depth - 1],
+            "window_size": 112,
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+
+
+def build_random_tiny(
+    seed: int = 0, **sizes: Any
+) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageProcessor]:
+    """A randomly initialised tiny Qwen2.5-VL and its processor, deterministic in ``seed``."""
+    tokenizer = train_tokenizer(corpus(n=500, seed=seed))
+    processor = build_processor(tokenizer)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, **sizes))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor
+
+
+def supervised_warm_start(
+    model: torch.nn.Module,
+    processor: Any,
+    dataset: datasets.Dataset,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> list[float]:
+    """Teacher-forced training on the reference solutions (loss on response tokens only).
+
+    Returns the loss of every step.
+    """
+    collate = PromptCollator(processor, INSTRUCTION)
+    tokenizer = processor.tokenizer
+    eos = tokenizer.eos_token
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
+    order = random.Random(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        rows = [dataset[i] for i in order.sample(range(len(dataset)), batch_size)]
+        prompts = collate(rows)
+        targets = tokenizer([r["solution"] + eos for r in rows], padding=True, return_tensors="pt")
+        response_ids, response_mask = targets["input_ids"], targets["attention_mask"]
+        inputs = {
+            "input_ids": torch.cat([prompts.input_ids, response_ids], 1),
+            "attention_mask": torch.cat([prompts.attention_mask, response_mask], 1),
+            "pixel_values": prompts.pixel_values,
+            "image_grid_thw": prompts.image_grid_thw,
+            "mm_token_type_ids": torch.cat(
+                [prompts.mm_token_type_ids, torch.zeros_like(response_ids)], 1
+            ),
+        }
+        labels = torch.full_like(inputs["input_ids"], -100)
+        labels[:, prompts.input_ids.shape[1] :] = response_ids.masked_fill(response_mask == 0, -100)
+        loss = model(**inputs, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss))
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def heldout_accuracy(
+    model: torch.nn.Module,
+    processor: Any,
+    dataset: datasets.Dataset,
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+) -> float:
+    """Fraction of ``dataset`` answered correctly (greedy decoding unless a temperature is given)."""
+    collate = PromptCollator(processor, INSTRUCTION)
+    model.eval()
+    correct = 0.0
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        prompts = collate(rows)
+        ids, mask = generate_responses(
+            model,
+            processor,
+            prompts,
+            num_samples=1,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            suppress_token_ids=suppressed_token_ids(processor),
+        )
+        texts = decode_responses(processor, ids, mask)
+        correct += sum(accuracy_reward(texts, answer=[r["answer"] for r in rows]))
+    return correct / len(dataset)
