@@ -25,12 +25,17 @@ class CPPOCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.processor_name_or_path")
 
 
-def main(args: list[str] | None = None) -> CPPOCLI:
-    """Entry point of the ``cppo`` console script (also callable from Python and tests)."""
+def main(args: list[str] | None = None, run: bool = True) -> CPPOCLI:
+    """Entry point of the ``cppo`` console script (also callable from Python and tests).
+
+    With ``run=False`` the arguments carry no subcommand and nothing is trained: the CLI only
+    parses and instantiates trainer, model and data (used to check configs).
+    """
     return CPPOCLI(
         CPPOModule,
         VisionLanguageDataModule,
         args=args,
+        run=run,
         trainer_defaults={
             "default_root_dir": "runs",
             # The sanity check runs the whole held-out set before the first update: that is the

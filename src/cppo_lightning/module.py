@@ -12,11 +12,12 @@ import copy
 import dataclasses
 import time
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torchmetrics import MeanMetric
 
 from cppo_lightning.losses import aggregate, group_advantages, kl_estimate, policy_loss
@@ -53,7 +54,7 @@ class LoraSettings:
 
 
 class CPPOModule(LightningModule):
-    """RL fine-tuning of a vision-language policy (GRPO objective).
+    """RL fine-tuning of a vision-language policy (GRPO objective) with a frozen reference.
 
     Args:
         model_name_or_path: Hugging Face hub name, local path, or ``builtin:NAME`` for a model
@@ -82,6 +83,9 @@ class CPPOModule(LightningModule):
         max_new_tokens: Longest response; the Dr. GRPO normaliser. Linked from
             ``rollout.max_new_tokens``.
         val_temperature: Sampling temperature of held-out evaluation; 0 is greedy decoding.
+            The default 1.0 with ``val_samples`` responses per prompt is the paper's avg@k
+            protocol (avg@16 at temperature 1.0).
+        val_samples: Responses sampled per held-out prompt; accuracy is their mean (avg@k).
         optimizer: Optimizer factory; AdamW(lr=1e-6, weight_decay=0.0) when None.
         lr_scheduler: Optional scheduler factory, stepped after every optimizer step.
     """
@@ -106,7 +110,8 @@ class CPPOModule(LightningModule):
         advantage_scale: Literal["group", "batch", "none"] = "group",
         max_grad_norm: float = 1.0,
         max_new_tokens: int = 64,
-        val_temperature: float = 0.0,
+        val_temperature: float = 1.0,
+        val_samples: int = 4,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -123,6 +128,8 @@ class CPPOModule(LightningModule):
             raise ValueError(f"dual_clip must be > 1 (or null to disable), got {dual_clip}.")
         self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler"])
         self.model_name_or_path = model_name_or_path
+        self.dtype_name = dtype
+        self.attn_implementation = attn_implementation
         self.lora = lora
         self.reward = reward if reward is not None else WeightedReward()
         self.group_size = group_size
@@ -135,6 +142,12 @@ class CPPOModule(LightningModule):
         self.max_grad_norm = max_grad_norm
         self.max_new_tokens = max_new_tokens
         self.val_temperature = val_temperature
+        if val_samples < 1 or (val_temperature == 0 and val_samples > 1):
+            raise ValueError(
+                f"val_samples must be >= 1, and 1 with greedy decoding (val_temperature=0); got "
+                f"val_samples={val_samples}, val_temperature={val_temperature}."
+            )
+        self.val_samples = val_samples
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         # Manual optimisation: one rollout batch makes several optimizer steps.
@@ -145,17 +158,17 @@ class CPPOModule(LightningModule):
         self.reference: torch.nn.Module | None = None
         self.processor: Any = None
         self._rollout: RolloutBatch | None = None
-        self.val_metrics = torch.nn.ModuleDict(
-            {name: MeanMetric() for name in ("accuracy", "reward", "response_length")}
-        )
+        self.val_accuracy = MeanMetric()
+        self.val_reward = MeanMetric()
+        self.val_response_length = MeanMetric()
 
     # ------------------------------------------------------------------ model set-up
     def configure_model(self) -> None:
-        """Load policy, reference and processor (once; the trainer calls this under its strategy)."""
+        """Load policy, reference and processor (once; the trainer calls it under its strategy)."""
         if self.policy is not None:
             return
         self.processor = load_processor(self.model_name_or_path)
-        policy = load_policy(self.model_name_or_path, self.hparams.dtype, self.hparams.attn_implementation)
+        policy = load_policy(self.model_name_or_path, self.dtype_name, self.attn_implementation)
         if self.lora is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -169,6 +182,8 @@ class CPPOModule(LightningModule):
         else:
             self.policy = policy
             self.reference = copy.deepcopy(policy).requires_grad_(False).eval()
+        # from_pretrained returns eval mode and Lightning keeps each submodule's mode.
+        self.policy.train()
         self.suppress_token_ids = suppressed_token_ids(self.processor)
 
     def configure_optimizers(self) -> Any:
@@ -194,7 +209,13 @@ class CPPOModule(LightningModule):
 
     # ------------------------------------------------------------------ rollouts
     def collect_rollout(
-        self, prompts: PromptBatch, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int
+        self,
+        prompts: PromptBatch,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
     ) -> RolloutBatch:
         """Sample G responses per prompt with the current policy and score them."""
         assert self.policy is not None
@@ -236,7 +257,11 @@ class CPPOModule(LightningModule):
         """``[n, L]`` log-probs of the sampled tokens of responses ``index`` under ``model``."""
         response_ids = rollout.response_ids[index]
         logits = response_logits(
-            model, rollout.prompts, rollout.prompt_index[index], response_ids, rollout.response_mask[index]
+            model,
+            rollout.prompts,
+            rollout.prompt_index[index],
+            response_ids,
+            rollout.response_mask[index],
         )
         return token_logps(logits, response_ids, self.temperature)
 
@@ -250,14 +275,19 @@ class CPPOModule(LightningModule):
     @torch.no_grad()
     def prepare_update(self, rollout: RolloutBatch) -> RolloutBatch:
         """Add advantages, old log-probs (only if several mini-batches) and reference log-probs."""
-        advantages = group_advantages(rollout.rewards, rollout.group_size, scale=self.advantage_scale)
+        advantages = group_advantages(
+            rollout.rewards, rollout.group_size, scale=self.advantage_scale
+        )
         chunks = list(self._micro_batches(torch.arange(rollout.num_responses, device=self.device)))
         old_logp = ref_logp = None
         if len(self._mini_batches(rollout)) > 1:
+            assert self.policy is not None
             old_logp = torch.cat([self.sequence_logps(self.policy, rollout, i) for i in chunks])
         if self.kl_coef > 0:
             ref_logp = torch.cat([self._reference_logps(rollout, i) for i in chunks])
-        return dataclasses.replace(rollout, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp)
+        return dataclasses.replace(
+            rollout, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp
+        )
 
     def _mini_batches(self, rollout: RolloutBatch) -> list[torch.Tensor]:
         prompts = rollout.prompts.num_prompts
@@ -306,9 +336,9 @@ class CPPOModule(LightningModule):
         return loss, stats
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        rollout = self.prepare_update(self._take_rollout(batch))
         start = time.perf_counter()
-        optimizer = self.optimizers()
+        rollout = self.prepare_update(self._take_rollout(batch))
+        optimizer = cast(LightningOptimizer, self.optimizers())
         scheduler = self.lr_schedulers()
         sums: dict[str, float] = {}
         count = 0
@@ -338,7 +368,7 @@ class CPPOModule(LightningModule):
         if self.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         return float(norm)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -355,34 +385,40 @@ class CPPOModule(LightningModule):
             self.processor,
             batch,
             self.reward,
-            group_size=1,
+            group_size=self.val_samples,
             max_new_tokens=self.max_new_tokens,
             temperature=self.val_temperature,
             suppress_token_ids=self.suppress_token_ids,
         )
-        accuracy = rollout.reward_terms.get("accuracy", rollout.rewards)
-        self.val_metrics["accuracy"].update(accuracy)
-        self.val_metrics["reward"].update(rollout.rewards)
-        self.val_metrics["response_length"].update(rollout.response_mask.sum(1).float())
+        self.val_accuracy.update(rollout.reward_terms.get("accuracy", rollout.rewards))
+        self.val_reward.update(rollout.rewards)
+        self.val_response_length.update(rollout.response_mask.sum(1).float())
 
     def on_validation_epoch_end(self) -> None:
-        metrics = {f"val/{name}": metric.compute() for name, metric in self.val_metrics.items()}
-        for metric in self.val_metrics.values():
+        named = {
+            "val/accuracy": self.val_accuracy,
+            "val/reward": self.val_reward,
+            "val/response_length": self.val_response_length,
+        }
+        metrics = {name: metric.compute() for name, metric in named.items()}
+        for metric in named.values():
             metric.reset()
-        if self.trainer.sanity_checking:
-            # Lightning drops what is logged during the sanity check; this check runs the held-out
-            # set before the first update, which is the baseline a run is judged against.
-            for logger in self.loggers:
-                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.global_step)
-            return
-        self.log_dict(metrics)
+        # Logged at the number of optimizer steps done (0 = before the first update). Lightning
+        # drops what is logged during its sanity check, which here is the run over the whole
+        # held-out set before training: the baseline a run is judged against.
+        for logger in self.loggers:
+            logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.global_step)
+        if not self.trainer.sanity_checking:
+            self.log_dict(metrics, logger=False)  # for callbacks (checkpoint monitors) and the bar
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Keep the trainable state only: the frozen reference and frozen base weights are
         # reloaded from model_name_or_path.
         trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}  # type: ignore[union-attr]
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
@@ -413,7 +449,9 @@ def rollout_metrics(rollout: RolloutBatch) -> dict[str, float]:
         "rollout/reward_mean": float(rewards.mean()),
         "rollout/reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
         "rollout/response_length": float(rollout.response_mask.sum(1).float().mean()),
-        "rollout/zero_variance_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
+        "rollout/zero_variance_groups": float(
+            (groups.max(1).values == groups.min(1).values).float().mean()
+        ),
         "rollout/seconds": rollout.rollout_seconds,
     }
     for name, values in rollout.reward_terms.items():

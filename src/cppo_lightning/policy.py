@@ -99,7 +99,10 @@ def load_processor(name_or_path: str) -> ProcessorMixin:
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(path)
-    if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
+    if (
+        not isinstance(processor, ProcessorMixin)
+        or getattr(processor, "image_processor", None) is None
+    ):
         raise ValueError(
             f"{name_or_path!r} has no multimodal processor (got {type(processor).__name__}): "
             "point model_name_or_path at a vision-language checkpoint with processor files."
@@ -195,7 +198,9 @@ def response_logits(
     return logits[:, :-1]  # [n, L, V]
 
 
-def token_logps(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logps(
+    logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Log-probability of ``token_ids`` under ``softmax(logits / temperature)``.
 
     Uses ``gather - logsumexp`` so that no full-vocabulary log-softmax is materialised.

@@ -48,7 +48,7 @@ class RolloutBatch:
 
     Attributes:
         prompts: The B prompts the responses answer.
-        prompt_index: ``[N]`` which prompt each response answers (``arange(B).repeat_interleave(G)``).
+        prompt_index: ``[N]`` the prompt each response answers, ``arange(B).repeat_interleave(G)``.
         response_ids: ``[N, L]`` sampled tokens, right-padded after the first end-of-sequence.
         response_mask: ``[N, L]`` 1 on real response tokens (the end-of-sequence token included).
         texts: N decoded responses.

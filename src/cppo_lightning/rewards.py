@@ -46,11 +46,13 @@ def normalize_answer(answer: str) -> str:
 
 
 def accuracy_reward(completions: Sequence[str], *, answer: Sequence[str], **_: Any) -> list[float]:
-    r"""1.0 where the last ``\boxed{}`` of a response equals the ground-truth ``answer``, else 0.0."""
+    r"""1.0 where the last ``\boxed{}`` of a response equals the true ``answer``, else 0.0."""
     scores = []
     for text, truth in zip(completions, answer, strict=True):
         boxed = extract_boxed(text)
-        scores.append(float(boxed is not None and normalize_answer(boxed) == normalize_answer(truth)))
+        scores.append(
+            float(boxed is not None and normalize_answer(boxed) == normalize_answer(truth))
+        )
     return scores
 
 
@@ -84,7 +86,8 @@ class WeightedReward:
         if missing or extra:
             raise ValueError(
                 "reward.weights must name exactly the terms of reward.functions: "
-                f"missing weights for {sorted(missing)}, weights without a function {sorted(extra)}."
+                f"missing weights for {sorted(missing)}, "
+                f"weights without a function {sorted(extra)}."
             )
         for name, fn in functions.items():
             if not callable(fn):

@@ -14,7 +14,9 @@ from cppo_lightning.records import PromptBatch, RolloutBatch
 Scorer = Callable[[Sequence[str], Mapping[str, Sequence[Any]]], tuple[torch.Tensor, dict]]
 
 
-def response_mask_from_ids(response_ids: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
+def response_mask_from_ids(
+    response_ids: torch.Tensor, eos_token_ids: Sequence[int]
+) -> torch.Tensor:
     """1 up to and including the first end-of-sequence token of each row, 0 after it.
 
     Shape:

@@ -9,12 +9,16 @@ that is sometimes right. ``scripts/build_tiny_model.py`` rebuilds it from a seed
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import datasets
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from cppo_lightning.data.datamodule import PromptCollator
@@ -82,7 +86,12 @@ def tiny_config(
     vision_depth: int = 2,
 ) -> Qwen2_5_VLConfig:
     """A Qwen2.5-VL config small enough for CPU training (about 0.9M parameters by default)."""
-    ids = tokenizer.convert_tokens_to_ids
+
+    def ids(token: str) -> int:
+        value = tokenizer.convert_tokens_to_ids(token)
+        assert isinstance(value, int)
+        return value
+
     head_dim = hidden_size // 4
     return Qwen2_5_VLConfig(
         text_config={
@@ -166,7 +175,7 @@ def supervised_warm_start(
             "pixel_values": prompts.pixel_values,
             "image_grid_thw": prompts.image_grid_thw,
             "mm_token_type_ids": torch.cat(
-                [prompts.mm_token_type_ids, torch.zeros_like(response_ids)], 1
+                [cast(torch.Tensor, prompts.mm_token_type_ids), torch.zeros_like(response_ids)], 1
             ),
         }
         labels = torch.full_like(inputs["input_ids"], -100)
@@ -177,7 +186,7 @@ def supervised_warm_start(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     return losses
 
@@ -191,8 +200,10 @@ def heldout_accuracy(
     batch_size: int = 64,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
+    samples: int = 1,
 ) -> float:
-    """Fraction of ``dataset`` answered correctly (greedy decoding unless a temperature is given)."""
+    """Mean accuracy over ``dataset`` (greedy decoding unless a temperature is given; with
+    ``samples > 1`` the mean over that many sampled responses per prompt, avg@k)."""
     collate = PromptCollator(processor, INSTRUCTION)
     model.eval()
     correct = 0.0
@@ -203,11 +214,12 @@ def heldout_accuracy(
             model,
             processor,
             prompts,
-            num_samples=1,
+            num_samples=samples,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             suppress_token_ids=suppressed_token_ids(processor),
         )
         texts = decode_responses(processor, ids, mask)
-        correct += sum(accuracy_reward(texts, answer=[r["answer"] for r in rows]))
-    return correct / len(dataset)
+        answers = [r["answer"] for r in rows for _ in range(samples)]
+        correct += sum(accuracy_reward(texts, answer=answers))
+    return correct / (len(dataset) * samples)

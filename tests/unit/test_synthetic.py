@@ -48,8 +48,12 @@ def _pixel_scene(image) -> list[dict]:
             y, x = stack.pop()
             points.append((y, x))
             for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
-                if (0 <= ny < labels.shape[0] and 0 <= nx < labels.shape[1]
-                        and not seen[ny, nx] and labels[ny, nx] == color):
+                if (
+                    0 <= ny < labels.shape[0]
+                    and 0 <= nx < labels.shape[1]
+                    and not seen[ny, nx]
+                    and labels[ny, nx] == color
+                ):
                     seen[ny, nx] = True
                     stack.append((ny, nx))
         ys, xs = np.array(points).T
@@ -62,9 +66,12 @@ def _pixel_scene(image) -> list[dict]:
 
 def _oracle(question: str, scene: list[dict]) -> str:
     """Answers a question from a recovered scene, independently of the generator."""
+
     def count(shape=None, color=None):
-        return sum((shape is None or s["shape"] == shape) and (color is None or s["color"] == color)
-                   for s in scene)
+        return sum(
+            (shape is None or s["shape"] == shape) and (color is None or s["color"] == color)
+            for s in scene
+        )
 
     if m := re.fullmatch(r"How many (\w+)s are there\?", question):
         return str(count(shape=m[1]))
@@ -93,7 +100,8 @@ def test_same_seed_is_deterministic() -> None:
     for x, y in zip(a, b, strict=True):
         assert x["image"].tobytes() == y["image"].tobytes()
         assert {k: v for k, v in x.items() if k != "image"} == {
-            k: v for k, v in y.items() if k != "image"}
+            k: v for k, v in y.items() if k != "image"
+        }
 
 
 def test_different_seed_differs() -> None:
@@ -120,18 +128,28 @@ def test_images_and_layout(samples: list[dict]) -> None:
             assert 20 <= sh["size"] <= 30
             assert x0 >= 0 and y0 >= 0 and x1 < 112 and y1 < 112
         for i, a in enumerate(boxes):  # disjoint with a margin
-            for b in boxes[i + 1:]:
-                assert (a[2] + synthetic.MARGIN < b[0] or b[2] + synthetic.MARGIN < a[0]
-                        or a[3] + synthetic.MARGIN < b[1] or b[3] + synthetic.MARGIN < a[1])
+            for b in boxes[i + 1 :]:
+                assert (
+                    a[2] + synthetic.MARGIN < b[0]
+                    or b[2] + synthetic.MARGIN < a[0]
+                    or a[3] + synthetic.MARGIN < b[1]
+                    or b[3] + synthetic.MARGIN < a[1]
+                )
 
 
 def test_pixels_match_metadata_and_answers(samples: list[dict]) -> None:
     for s in samples:
         scene = _pixel_scene(s["image"])
-        expected = sorted(({"shape": sh["shape"], "color": sh["color"], "box": synthetic._box(sh)}
-                           for sh in s["shapes"]), key=lambda d: d["box"])
+        expected = sorted(
+            (
+                {"shape": sh["shape"], "color": sh["color"], "box": synthetic._box(sh)}
+                for sh in s["shapes"]
+            ),
+            key=lambda d: d["box"],
+        )
         assert [(d["shape"], d["color"]) for d in scene] == [
-            (d["shape"], d["color"]) for d in expected]
+            (d["shape"], d["color"]) for d in expected
+        ]
         for got, want in zip(scene, expected, strict=True):
             assert np.abs(np.subtract(got["box"], want["box"])).max() <= 1
         assert _oracle(s["question"], scene) == s["answer"], s["question"]
@@ -165,7 +183,13 @@ def test_kinds_and_balance(samples: list[dict]) -> None:
 def test_build_dataset_features() -> None:
     ds = build_dataset(8, seed=0)
     assert ds.column_names == [
-        "image", "question", "answer", "solution", "perception_words", "kind"]
+        "image",
+        "question",
+        "answer",
+        "solution",
+        "perception_words",
+        "kind",
+    ]
     assert isinstance(ds.features["image"], datasets.Image)
     assert ds.features["perception_words"].feature == datasets.Value("string")
     row = ds[0]
@@ -188,9 +212,11 @@ def test_source_splits() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"num_train": 0}, "num_train must be >= 1, got 0"),
-     ({"num_val": -1}, "num_val must be >= 1, got -1"),
-     ({"seed": -5}, "seed must be >= 0, got -5")],
+    [
+        ({"num_train": 0}, "num_train must be >= 1, got 0"),
+        ({"num_val": -1}, "num_val must be >= 1, got -1"),
+        ({"seed": -5}, "seed must be >= 0, got -5"),
+    ],
 )
 def test_bad_constructor_values(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):

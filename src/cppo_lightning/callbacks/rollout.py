@@ -10,8 +10,10 @@ from cppo_lightning.module import CPPOModule
 
 
 class RolloutCallback(pl.Callback):
-    """Samples G responses per prompt with the current policy before each training step and
-    hands the scored :class:`~cppo_lightning.records.RolloutBatch` to the module.
+    """Samples G responses per prompt before each training step (the rollout).
+
+    The scored :class:`~cppo_lightning.records.RolloutBatch` is handed to the module with
+    ``set_rollout``; the policy samples in eval mode, without gradients.
 
     Args:
         group_size: G, responses sampled per prompt (at least 2).
@@ -30,7 +32,9 @@ class RolloutCallback(pl.Callback):
         top_k: int = 0,
     ) -> None:
         if group_size < 2:
-            raise ValueError(f"rollout.group_size must be >= 2 for group advantages, got {group_size}.")
+            raise ValueError(
+                f"rollout.group_size must be >= 2 for group advantages, got {group_size}."
+            )
         if max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens must be >= 1, got {max_new_tokens}.")
         if temperature <= 0:
@@ -50,7 +54,8 @@ class RolloutCallback(pl.Callback):
             raise TypeError(f"RolloutCallback needs a CPPOModule, got {type(pl_module).__name__}.")
         if pl_module.group_size != self.group_size:
             raise ValueError(
-                f"rollout.group_size={self.group_size} but model.group_size={pl_module.group_size}: "
+                f"rollout.group_size={self.group_size} but "
+                f"model.group_size={pl_module.group_size}: "
                 "set them equal (the `cppo` CLI links them)."
             )
         rollout = pl_module.collect_rollout(

@@ -65,7 +65,9 @@ def _rgb(image: Any) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def check_rows(dataset: datasets.Dataset, split: str, image_column: str, required: Sequence[str]) -> None:
+def check_rows(
+    dataset: datasets.Dataset, split: str, image_column: str, required: Sequence[str]
+) -> None:
     """Fail early, naming the row, if a row has no image or an empty required column."""
     for column in (image_column, *required):
         if column not in dataset.column_names:
@@ -75,7 +77,9 @@ def check_rows(dataset: datasets.Dataset, split: str, image_column: str, require
             )
     images = dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]
     for index, image in enumerate(images):
-        if image is None or (isinstance(image, dict) and not (image.get("bytes") or image.get("path"))):
+        if image is None or (
+            isinstance(image, dict) and not (image.get("bytes") or image.get("path"))
+        ):
             raise ValueError(
                 f"row {index} of the {split!r} split has no image in column {image_column!r}: "
                 "every prompt needs an image; drop or fix that row."
@@ -90,8 +94,7 @@ def check_rows(dataset: datasets.Dataset, split: str, image_column: str, require
 
 
 class VisionLanguageDataModule(pl.LightningDataModule):
-    """Prompts + images for RL: the train split feeds rollouts, the validation split held-out
-    accuracy.
+    """Prompts with their images: the train split feeds rollouts, validation held-out accuracy.
 
     Args:
         dataset: Where rows come from: any object with ``load() -> DatasetDict`` (``train`` and
@@ -144,7 +147,8 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         for split in ("train", "validation"):
             if split not in loaded:
                 raise ValueError(
-                    f"data.dataset returned splits {list(loaded)}; it needs 'train' and 'validation'."
+                    f"data.dataset returned splits {list(loaded)}; "
+                    "it needs 'train' and 'validation'."
                 )
             ds = loaded[split]
             check_rows(ds, split, self.image_column, (self.question_column, self.answer_column))

@@ -71,8 +71,10 @@ def _sample_scene(rng: random.Random) -> list[Shape]:
             x0 = rng.randint(MARGIN, IMAGE_SIZE - MARGIN - size)
             y0 = rng.randint(MARGIN, IMAGE_SIZE - MARGIN - size)
             if all(
-                x0 + size + MARGIN <= bx or bx + bs + MARGIN <= x0
-                or y0 + size + MARGIN <= by or by + bs + MARGIN <= y0
+                x0 + size + MARGIN <= bx
+                or bx + bs + MARGIN <= x0
+                or y0 + size + MARGIN <= by
+                or by + bs + MARGIN <= y0
                 for bx, by, bs in boxes
             ):
                 boxes.append((x0, y0, size))
@@ -81,8 +83,13 @@ def _sample_scene(rng: random.Random) -> list[Shape]:
         if len(boxes) == n:
             break
     return [
-        {"shape": rng.choice(SHAPES), "color": rng.choice(COLORS),
-         "x": x0 + size // 2, "y": y0 + size // 2, "size": size}
+        {
+            "shape": rng.choice(SHAPES),
+            "color": rng.choice(COLORS),
+            "x": x0 + size // 2,
+            "y": y0 + size // 2,
+            "size": size,
+        }
         for x0, y0, size in boxes
     ]
 
@@ -152,30 +159,38 @@ def _question(rng: random.Random, kind: str, shapes: list[Shape]) -> tuple | Non
         answer = str(len(items))
         return question, answer, f"{text} So {answer}.", words
     if kind == "color":
-        unique = [k for k in SHAPES if len(of[k]) == 1]
-        if not unique:
+        single = [k for k in SHAPES if len(of[k]) == 1]
+        if not single:
             return None
-        shape = rng.choice(unique)
+        shape = rng.choice(single)
         color = of[shape][0]["color"]
         question = f"What color is the {shape}?"
-        return question, color, f"I see 1 {shape} and it is {color}. So {color}.", [
-            "1", shape, color]
+        return (
+            question,
+            color,
+            f"I see 1 {shape} and it is {color}. So {color}.",
+            ["1", shape, color],
+        )
     if kind == "exist":
         present = sorted({(s["color"], s["shape"]) for s in shapes})
         if rng.random() < 0.5:
             color, shape = rng.choice(present)
         else:
-            color, shape = rng.choice([(c, k) for c in COLORS for k in SHAPES
-                                       if (c, k) not in present])
+            color, shape = rng.choice(
+                [(c, k) for c in COLORS for k in SHAPES if (c, k) not in present]
+            )
         answer = "yes" if (color, shape) in present else "no"
         noun = _plural(shape, len(of[shape]))
         text, words = _seen(of[shape], noun, [noun])
         return f"Is there a {color} {shape}?", answer, f"{text} So {answer}.", words
     if kind == "position":
         combos = [(s["color"], s["shape"]) for s in shapes]
-        unique = [s for s in left_to_right if combos.count((s["color"], s["shape"])) == 1]
-        pairs = [(a, b) for i, a in enumerate(unique) for b in unique[i + 1:]
-                 if _box(a)[2] < _box(b)[0]]  # a lies strictly left of b
+        unique: list[Shape] = [
+            s for s in left_to_right if combos.count((s["color"], s["shape"])) == 1
+        ]
+        pairs: list[tuple[Shape, Shape]] = [
+            (p, q) for i, p in enumerate(unique) for q in unique[i + 1 :] if _box(p)[2] < _box(q)[0]
+        ]  # a lies strictly left of b
         if not pairs:
             return None
         first, second = rng.choice(pairs)  # first is left of second
@@ -185,11 +200,18 @@ def _question(rng: random.Random, kind: str, shapes: list[Shape]) -> tuple | Non
         first_side = "left" if first["x"] < second["x"] else "right"
         second_side = "right" if first_side == "left" else "left"
         answer = "yes" if relation == first_side else "no"
-        a, b = f"{first['color']} {first['shape']}", f"{second['color']} {second['shape']}"
-        text = f"The {a} is on the {first_side} and the {b} is on the {second_side}."
-        words = [first["color"], first["shape"], first_side,
-                 second["color"], second["shape"], second_side]
-        return f"Is the {a} {relation} of the {b}?", answer, f"{text} So {answer}.", words
+        name_1 = f"{first['color']} {first['shape']}"
+        name_2 = f"{second['color']} {second['shape']}"
+        text = f"The {name_1} is on the {first_side} and the {name_2} is on the {second_side}."
+        words = [
+            first["color"],
+            first["shape"],
+            first_side,
+            second["color"],
+            second["shape"],
+            second_side,
+        ]
+        return f"Is the {name_1} {relation} of the {name_2}?", answer, f"{text} So {answer}.", words
     if kind == "arith":
         one, two = rng.sample(SHAPES, 2)
         n1, n2 = len(of[one]), len(of[two])
@@ -310,8 +332,23 @@ def corpus(n: int = 2000, seed: int = 0) -> list[str]:
     The first line lists the whole task vocabulary so that every word is seen at least once.
     """
     plurals = [f"{s}s" for s in SHAPES]
-    vocab = " ".join([*SHAPES, *plurals, *COLORS, "shape", "shapes", *map(str, range(10)),
-                      "yes", "no", "left", "right", "+", "-", "="])
+    vocab = " ".join(
+        [
+            *SHAPES,
+            *plurals,
+            *COLORS,
+            "shape",
+            "shapes",
+            *map(str, range(10)),
+            "yes",
+            "no",
+            "left",
+            "right",
+            "+",
+            "-",
+            "=",
+        ]
+    )
     rng = random.Random(seed)
     texts = [vocab, INSTRUCTION]
     for _ in range(n):

@@ -1,0 +1,90 @@
+"""CPPOModule pieces: reference handling (deep copy vs LoRA), mini-batches, checkpoint filtering."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cppo_lightning.data.datamodule import PromptCollator
+from cppo_lightning.module import CPPOModule, LoraSettings
+from cppo_lightning.rewards import WeightedReward
+from tests.helpers.rewards import length_reward
+
+
+def _module(path, **kwargs) -> CPPOModule:
+    reward = WeightedReward({"length": length_reward}, {"length": 1.0})
+    module = CPPOModule(model_name_or_path=str(path), reward=reward, group_size=2, **kwargs)
+    module.configure_model()
+    return module
+
+
+def _rollout(module: CPPOModule, rows):
+    prompts = PromptCollator(module.processor, "Answer.")(rows)
+    torch.manual_seed(0)
+    return module.collect_rollout(prompts, max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=0)
+
+
+def test_lora_reference_is_the_base_model_with_adapters_off(
+    tiny_model_dir, tiny_policy, shapes_rows
+):
+    module = _module(tiny_model_dir, lora=LoraSettings(r=4, alpha=8))
+    assert module.reference is None
+    rollout = _rollout(module, shapes_rows[:2])
+    index = torch.arange(rollout.num_responses)
+    # Make the adapters matter, then check the reference still equals the untouched base model.
+    for name, param in module.policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    with torch.no_grad():
+        ref = module._reference_logps(rollout, index)
+        base = module.sequence_logps(tiny_policy[0], rollout, index)
+        adapted = module.sequence_logps(module.policy, rollout, index)
+    mask = rollout.response_mask.bool()
+    torch.testing.assert_close(ref[mask], base[mask])
+    assert not torch.allclose(adapted[mask], base[mask])
+    trainable = [n for n, p in module.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_several_mini_batches_recompute_old_logps(tiny_model_dir, shapes_rows):
+    module = _module(tiny_model_dir, mini_batch_size=1)
+    rollout = module.prepare_update(_rollout(module, shapes_rows[:2]))
+    assert rollout.old_logp is not None and rollout.old_logp.shape == rollout.response_ids.shape
+    assert rollout.ref_logp is not None and rollout.advantages is not None
+    # Before any update, old, reference and current log-probs coincide.
+    mask = rollout.response_mask.bool()
+    torch.testing.assert_close(rollout.old_logp[mask], rollout.ref_logp[mask])
+    assert [len(m) for m in module._mini_batches(rollout)] == [2, 2]
+
+
+def test_one_mini_batch_skips_the_old_logp_pass(tiny_model_dir, shapes_rows):
+    module = _module(tiny_model_dir, kl_coef=0.0)
+    rollout = module.prepare_update(_rollout(module, shapes_rows[:2]))
+    assert rollout.old_logp is None and rollout.ref_logp is None
+
+
+def test_mini_batch_must_divide_the_rollout_batch(tiny_model_dir, shapes_rows):
+    module = _module(tiny_model_dir, mini_batch_size=2)
+    rollout = _rollout(module, shapes_rows[:3])
+    with pytest.raises(ValueError, match=r"make data\.batch_size a multiple of it"):
+        module._mini_batches(rollout)
+
+
+def test_checkpoint_keeps_only_trainable_weights(tiny_model_dir):
+    module = _module(tiny_model_dir)
+    checkpoint = {"state_dict": module.state_dict()}
+    assert any(k.startswith("reference.") for k in checkpoint["state_dict"])
+    module.on_save_checkpoint(checkpoint)
+    kept = set(checkpoint["state_dict"])
+    assert kept == {f"policy.{n}" for n, _ in module.policy.named_parameters()}
+    module.on_load_checkpoint(checkpoint)  # complete: no error
+    del checkpoint["state_dict"][next(iter(kept))]
+    with pytest.raises(ValueError, match="resume with the same model_name_or_path and lora"):
+        module.on_load_checkpoint(checkpoint)
+
+
+def test_training_step_without_rollout_names_the_callback(tiny_model_dir, shapes_rows):
+    module = _module(tiny_model_dir)
+    prompts = PromptCollator(module.processor, "Answer.")(shapes_rows[:2])
+    with pytest.raises(RuntimeError, match="RolloutCallback"):
+        module._take_rollout(prompts)

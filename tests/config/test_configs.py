@@ -1,0 +1,103 @@
+"""Every shipped YAML parses and instantiates; bad values fail saying what to change."""
+
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from cppo_lightning.callbacks import RolloutCallback
+from cppo_lightning.cli import main
+from cppo_lightning.data import VisionLanguageDataModule
+from cppo_lightning.module import CPPOModule
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = REPO / "configs" / "base.yaml"
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def _instantiate(*args: str):  # type: ignore[no-untyped-def]
+    return main(["--config", str(BASE), *args, "--trainer.logger=false"], run=False)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_config_parses_and_instantiates(path: Path):
+    overlay = [] if path == BASE else ["--config", str(path)]
+    cli = _instantiate(*overlay)
+    assert isinstance(cli.model, CPPOModule)
+    assert isinstance(cli.datamodule, VisionLanguageDataModule)
+    assert any(isinstance(cb, RolloutCallback) for cb in cli.trainer.callbacks)
+    cli.model.configure_model()
+    assert cli.model.policy is not None
+
+
+def test_linked_values_have_one_source():
+    cli = _instantiate("--rollout.group_size=6", "--rollout.temperature=0.7")
+    assert cli.model.group_size == 6 and cli.model.temperature == 0.7
+    with pytest.raises(SystemExit):  # a linked target cannot be set on its own
+        _instantiate("--model.group_size=6")
+
+
+def test_print_config_documents_every_knob():
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit):
+        main(["fit", "--config", str(BASE), "--help"])
+    text = out.getvalue()
+    for knob in (
+        "--model.kl_coef",
+        "--model.clip_high",
+        "--rollout.group_size",
+        "--data.batch_size",
+    ):
+        assert knob in text
+    assert "weight of the KL to the frozen reference" in text
+
+
+def test_reward_swapped_from_the_command_line():
+    cli = _instantiate(
+        "--model.reward.init_args.functions={length: tests.helpers.rewards.length_reward}",
+        "--model.reward.init_args.weights={length: 1.0}",
+    )
+    total, terms = cli.model.reward(["ab", "abcd"], {"answer": ["1", "2"]})
+    assert total.tolist() == pytest.approx([0.02, 0.04]) and list(terms) == ["length"]
+
+
+def test_reward_swapped_by_a_yaml_overlay(tmp_path):
+    overlay = tmp_path / "reward.yaml"
+    overlay.write_text(
+        "model:\n  reward:\n    init_args:\n"
+        "      functions: {accuracy: cppo_lightning.rewards.accuracy_reward}\n"
+        "      weights: {accuracy: 1.0}\n"
+    )
+    cli = _instantiate("--config", str(overlay))
+    assert list(cli.model.reward.functions) == ["accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rollout.group_size=1"], "group_size must be >= 2"),
+        (["--model.dual_clip=0.5"], "dual_clip must be > 1"),
+        (["--model.reward.init_args.weights={accuracy: 1.0}"], "missing weights for ['format']"),
+        (["--data.batch_size=0"], "data.batch_size"),
+    ],
+)
+def test_bad_values_say_what_to_change(args, message, capsys):
+    with pytest.raises((ValueError, SystemExit)) as raised:
+        _instantiate(*args)
+    shown = str(raised.value) + capsys.readouterr().err
+    assert message in shown
+
+
+def test_unknown_class_path_is_named(capsys):
+    with pytest.raises(SystemExit):
+        _instantiate("--data.dataset.class_path=cppo_lightning.data.NoSuchDataset")
+    assert "NoSuchDataset" in capsys.readouterr().err
+
+
+def test_misspelled_key_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        _instantiate("--model.kl_coeff=0.1")
+    assert "kl_coeff" in capsys.readouterr().err

@@ -1,0 +1,90 @@
+"""End-to-end: ``cppo fit`` through LightningCLI on the embedded model for a few steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from cppo_lightning.cli import main
+from cppo_lightning.policy import load_policy, resolve_model_path
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = str(REPO / "configs" / "base.yaml")
+
+
+def _fit_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        BASE,
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.enable_progress_bar=false",
+        "--data.batch_size=2",
+        "--data.dataset.init_args.num_train=16",
+        "--data.dataset.init_args.num_val=4",
+        "--rollout.max_new_tokens=16",
+        # A reward with variance in every group, so every step has a gradient to follow.
+        "--model.reward.init_args.functions={length: tests.helpers.rewards.length_reward}",
+        "--model.reward.init_args.weights={length: 1.0}",
+        *extra,
+    ]
+
+
+def test_fit_updates_every_trainable_parameter_and_no_reference_parameter(tmp_path):
+    initial = load_policy("builtin:tiny-qwen2.5-vl")
+    cli = main(_fit_args(tmp_path))
+    module = cli.model
+    assert module.global_step == 2
+    trained = dict(module.policy.named_parameters())
+    unchanged = [
+        name
+        for name, before in initial.named_parameters()
+        if torch.equal(before, trained[name].detach().cpu())
+    ]
+    assert not unchanged, f"parameters not updated: {unchanged[:5]}"
+    for name, ref in module.reference.named_parameters():
+        assert not ref.requires_grad
+        torch.testing.assert_close(ref.detach().cpu(), dict(initial.named_parameters())[name])
+
+
+def test_fit_logs_val_accuracy_before_and_after_and_exports(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli = main(_fit_args(tmp_path))
+    log_dir = Path(cli.trainer.log_dir)
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("val/accuracy")]
+    assert steps[0] == 0 and steps[-1] == 2, steps
+    for tag in (
+        "rollout/reward_mean",
+        "train/kl",
+        "train/clip_frac",
+        "train/grad_norm",
+        "train/lr",
+    ):
+        assert tag in events.Tags()["scalars"], tag
+    # The checkpoint holds the trainable policy weights only, not the frozen reference.
+    checkpoint = torch.load(log_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["state_dict"]
+    assert all(k.startswith("policy.") for k in checkpoint["state_dict"])
+    # The exported policy loads with plain transformers and gives the trained logits.
+    exported = AutoModelForImageTextToText.from_pretrained(log_dir / "hf_policy")
+    for name, value in exported.named_parameters():
+        torch.testing.assert_close(value, dict(cli.model.policy.named_parameters())[name].cpu())
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
+    first = main(_fit_args(tmp_path))
+    ckpt = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    second = main(_fit_args(tmp_path, "--trainer.max_steps=4", f"--ckpt_path={ckpt}"))
+    assert second.model.global_step == 4
+    assert resolve_model_path("builtin:tiny-qwen2.5-vl")  # the base weights stay untouched

@@ -1,0 +1,14 @@
+"""Reward functions for tests, importable by dotted path from YAML and the command line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def length_reward(completions: list[str], **_: Any) -> list[float]:
+    """Longer responses score higher: gives every group reward variance, so every step learns."""
+    return [len(text) / 100.0 for text in completions]
+
+
+def raising_reward(completions: list[str], **_: Any) -> list[float]:
+    raise RuntimeError("this reward always fails")
