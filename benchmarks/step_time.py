@@ -64,12 +64,13 @@ def main() -> None:
         assert log_dir is not None
         rollout = _scalars(log_dir, "rollout/seconds")[1:]  # the first step warms caches
         update = _scalars(log_dir, "train/update_seconds")[1:]
-    if torch.cuda.is_available() and args.accelerator != "cpu":
+    on_gpu = cli.model.device.type == "cuda"
+    if on_gpu:
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA, peak allocated)"
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (max RSS)"
     r, u = statistics.median(rollout), statistics.median(update)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    device = torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
     print(f"config: {args.config}  device: {device}  steps: {args.steps}")
     print(f"median rollout (generate + score): {r:.3f} s  ({r / (r + u):.0%} of a step)")
     print(f"median update (ref pass + fwd/bwd + step): {u:.3f} s  ({u / (r + u):.0%} of a step)")

@@ -117,13 +117,18 @@ class CPPOModule(LightningModule):
     ) -> None:
         super().__init__()
         if group_size < 2:
-            raise ValueError(f"group_size must be >= 2 for group advantages, got {group_size}.")
+            raise ValueError(
+                f"group_size (rollout.group_size) must be >= 2 for group advantages, "
+                f"got {group_size}."
+            )
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}.")
         if mini_batch_size is not None and mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be >= 1 or null, got {mini_batch_size}.")
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for RL sampling, got {temperature}.")
+            raise ValueError(
+                f"temperature (rollout.temperature) must be > 0 for sampling, got {temperature}."
+            )
         if dual_clip is not None and dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (or null to disable), got {dual_clip}.")
         self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler"])

@@ -304,7 +304,7 @@ class SyntheticShapes:
     seed: int
     """Base seed; train and validation are drawn from different seeds derived from it."""
 
-    def __init__(self, num_train: int = 2000, num_val: int = 128, seed: int = 0) -> None:
+    def __init__(self, num_train: int = 2000, num_val: int = 256, seed: int = 0) -> None:
         if num_train < 1:
             raise ValueError(f"num_train must be >= 1, got {num_train}")
         if num_val < 1:
