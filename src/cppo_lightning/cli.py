@@ -48,5 +48,11 @@ def main(args: list[str] | None = None, run: bool = True) -> CPPOCLI:
     )
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The ``cppo`` console script: like :func:`main`, returning nothing (a returned object would
+    become the process's exit status)."""
     main()
+
+
+if __name__ == "__main__":
+    entry_point()

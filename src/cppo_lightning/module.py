@@ -74,7 +74,8 @@ class CPPOModule(LightningModule):
         clip_low: PPO clip range below 1 (eps_low).
         clip_high: PPO clip range above 1 (eps_high; > clip_low is DAPO's clip-higher).
         dual_clip: Dual-clip constant c for negative advantages (> 1); None disables it.
-        kl_coef: beta, weight of the KL to the frozen reference; 0 skips the reference pass.
+        kl_coef: beta, weight of the KL to the frozen reference; 0 skips the reference pass
+            and, for full fine-tuning, the reference copy itself.
         kl_estimator: ``k3`` (default), ``k1`` or ``k2``.
         loss_agg: ``token-mean`` (default), ``seq-mean-token-mean`` or ``seq-sum-constant``
             (Dr. GRPO, normalised by ``max_new_tokens``).
@@ -186,7 +187,8 @@ class CPPOModule(LightningModule):
             self.policy = get_peft_model(policy, config)
         else:
             self.policy = policy
-            self.reference = copy.deepcopy(policy).requires_grad_(False).eval()
+            if self.kl_coef > 0:  # without the KL term no reference is needed: save the copy
+                self.reference = copy.deepcopy(policy).requires_grad_(False).eval()
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode.
         self.policy.train()
         self.suppress_token_ids = suppressed_token_ids(self.processor)
@@ -365,7 +367,8 @@ class CPPOModule(LightningModule):
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
         metrics["train/update_seconds"] = time.perf_counter() - start
         metrics.update(rollout_metrics(rollout))
-        self.log_dict(metrics, batch_size=rollout.num_responses)
+        # Averaged over ranks under DDP/FSDP, so the logged curve describes the whole batch.
+        self.log_dict(metrics, batch_size=rollout.num_responses, sync_dist=True)
         self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False)
 
     def _clip_gradients(self) -> float:

@@ -88,3 +88,20 @@ def test_training_step_without_rollout_names_the_callback(tiny_model_dir, shapes
     prompts = PromptCollator(module.processor, "Answer.")(shapes_rows[:2])
     with pytest.raises(RuntimeError, match="RolloutCallback"):
         module._take_rollout(prompts)
+
+
+def test_no_reference_copy_without_the_kl_term(tiny_model_dir):
+    assert _module(tiny_model_dir, kl_coef=0.0).reference is None
+    assert _module(tiny_model_dir).reference is not None
+
+
+def test_tiny_model_build_is_deterministic():
+    from cppo_lightning.tiny import build_random_tiny
+
+    (a, pa), (b, pb) = (
+        build_random_tiny(seed=5, num_layers=1),
+        build_random_tiny(seed=5, num_layers=1),
+    )
+    assert pa.tokenizer.get_vocab() == pb.tokenizer.get_vocab()
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name

@@ -78,7 +78,7 @@ def test_reward_swapped_by_a_yaml_overlay(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--rollout.group_size=1"], "group_size must be >= 2"),
+        (["--rollout.group_size=1"], "must be >= 2 for group advantages"),
         (["--model.dual_clip=0.5"], "dual_clip must be > 1"),
         (["--model.reward.init_args.weights={accuracy: 1.0}"], "missing weights for ['format']"),
         (["--data.batch_size=0"], "data.batch_size"),
@@ -101,3 +101,16 @@ def test_misspelled_key_is_rejected(capsys):
     with pytest.raises(SystemExit):
         _instantiate("--model.kl_coeff=0.1")
     assert "kl_coeff" in capsys.readouterr().err
+
+
+def test_console_script_exits_zero():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "from cppo_lightning.cli import entry_point; entry_point()",
+         "fit", "--config", str(BASE), "--print_config"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "group_size: 8" in done.stdout
