@@ -64,7 +64,7 @@ def main() -> None:
         assert log_dir is not None
         rollout = _scalars(log_dir, "rollout/seconds")[1:]  # the first step warms caches
         update = _scalars(log_dir, "train/update_seconds")[1:]
-    on_gpu = cli.model.device.type == "cuda"
+    on_gpu = cli.trainer.strategy.root_device.type == "cuda"  # fit moves the model back to CPU
     if on_gpu:
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA, peak allocated)"
     else:
