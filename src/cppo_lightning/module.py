@@ -31,7 +31,7 @@ from cppo_lightning.policy import (
 )
 from cppo_lightning.records import PromptBatch, RolloutBatch
 from cppo_lightning.rewards import WeightedReward
-from cppo_lightning.rollout import collect_rollouts
+from cppo_lightning.rollout import Sampling, collect_rollouts
 
 
 @dataclasses.dataclass
@@ -215,15 +215,7 @@ class CPPOModule(LightningModule):
         return self
 
     # ------------------------------------------------------------------ rollouts
-    def collect_rollout(
-        self,
-        prompts: PromptBatch,
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-    ) -> RolloutBatch:
+    def collect_rollout(self, prompts: PromptBatch, sampling: Sampling) -> RolloutBatch:
         """Sample G responses per prompt with the current policy and score them."""
         assert self.policy is not None
         was_training = self.policy.training
@@ -234,11 +226,8 @@ class CPPOModule(LightningModule):
                 self.processor,
                 prompts,
                 self.reward,
+                sampling,
                 group_size=self.group_size,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
                 suppress_token_ids=self.suppress_token_ids,
             )
         finally:
@@ -393,9 +382,8 @@ class CPPOModule(LightningModule):
             self.processor,
             batch,
             self.reward,
+            Sampling(self.max_new_tokens, self.val_temperature),
             group_size=self.val_samples,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.val_temperature,
             suppress_token_ids=self.suppress_token_ids,
         )
         self.val_accuracy.update(rollout.reward_terms.get("accuracy", rollout.rewards))

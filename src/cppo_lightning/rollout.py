@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -12,6 +13,35 @@ from transformers import ProcessorMixin
 from cppo_lightning.records import PromptBatch, RolloutBatch
 
 Scorer = Callable[[Sequence[str], Mapping[str, Sequence[Any]]], tuple[torch.Tensor, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How responses are sampled.
+
+    Attributes:
+        max_new_tokens: Longest response, in tokens.
+        temperature: Sampling temperature; 0 decodes greedily.
+        top_p: Nucleus sampling mass; 1.0 keeps the whole distribution.
+        top_k: Top-k sampling; 0 keeps the whole vocabulary.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of HF ``generate`` for this sampling."""
+        if self.temperature == 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_new_tokens": self.max_new_tokens,
+        }
 
 
 def response_mask_from_ids(
@@ -33,15 +63,12 @@ def generate_responses(
     policy: torch.nn.Module,
     processor: ProcessorMixin,
     prompts: PromptBatch,
+    sampling: Sampling,
     *,
     num_samples: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
     suppress_token_ids: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``num_samples`` responses for each prompt (greedy when ``temperature == 0``).
+    """Sample ``num_samples`` responses for each prompt (greedy when the temperature is 0).
 
     Returns:
         ``(response_ids [B * num_samples, L], response_mask [B * num_samples, L])`` with the
@@ -57,15 +84,9 @@ def generate_responses(
     }
     if prompts.mm_token_type_ids is not None:
         inputs["mm_token_type_ids"] = prompts.mm_token_type_ids
-    sampling: dict[str, Any] = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
-        if temperature > 0
-        else {"do_sample": False}
-    )
     sequences = policy.generate(  # type: ignore[operator]
         **inputs,
-        **sampling,
-        max_new_tokens=max_new_tokens,
+        **sampling.generate_kwargs(),
         num_return_sequences=num_samples,
         suppress_tokens=list(suppress_token_ids) or None,
         eos_token_id=eos_ids,
@@ -107,12 +128,9 @@ def collect_rollouts(
     processor: ProcessorMixin,
     prompts: PromptBatch,
     scorer: Scorer,
+    sampling: Sampling,
     *,
     group_size: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
     suppress_token_ids: Sequence[int] = (),
 ) -> RolloutBatch:
     """Generate G responses per prompt, decode and score them into a :class:`RolloutBatch`."""
@@ -121,11 +139,8 @@ def collect_rollouts(
         policy,
         processor,
         prompts,
+        sampling,
         num_samples=group_size,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
         suppress_token_ids=suppress_token_ids,
     )
     texts = decode_responses(processor, response_ids, response_mask)

@@ -25,7 +25,7 @@ from cppo_lightning.data.datamodule import PromptCollator
 from cppo_lightning.data.synthetic import INSTRUCTION, corpus
 from cppo_lightning.policy import Qwen2_5_VLImageProcessor, suppressed_token_ids
 from cppo_lightning.rewards import accuracy_reward
-from cppo_lightning.rollout import decode_responses, generate_responses
+from cppo_lightning.rollout import Sampling, decode_responses, generate_responses
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -214,9 +214,8 @@ def heldout_accuracy(
             model,
             processor,
             prompts,
+            Sampling(max_new_tokens, temperature),
             num_samples=samples,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
             suppress_token_ids=suppressed_token_ids(processor),
         )
         texts = decode_responses(processor, ids, mask)

@@ -6,7 +6,7 @@ import torch
 
 from cppo_lightning.data.datamodule import PromptCollator
 from cppo_lightning.policy import response_logits, select_images, suppressed_token_ids, token_logps
-from cppo_lightning.rollout import generate_responses, response_mask_from_ids
+from cppo_lightning.rollout import Sampling, generate_responses, response_mask_from_ids
 
 
 def test_forward_logps_match_generate(tiny_policy, shapes_rows):
@@ -72,9 +72,8 @@ def test_generate_suppresses_vision_tokens(tiny_policy, shapes_rows):
         model,
         processor,
         prompts,
+        Sampling(max_new_tokens=16, temperature=1.5),
         num_samples=4,
-        max_new_tokens=16,
-        temperature=1.5,
         suppress_token_ids=suppressed_token_ids(processor),
     )
     assert ids.shape[0] == 8 and mask.shape == ids.shape

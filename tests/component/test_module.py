@@ -8,6 +8,7 @@ import torch
 from cppo_lightning.data.datamodule import PromptCollator
 from cppo_lightning.module import CPPOModule, LoraSettings
 from cppo_lightning.rewards import WeightedReward
+from cppo_lightning.rollout import Sampling
 from tests.helpers.rewards import length_reward
 
 
@@ -21,7 +22,7 @@ def _module(path, **kwargs) -> CPPOModule:
 def _rollout(module: CPPOModule, rows):
     prompts = PromptCollator(module.processor, "Answer.")(rows)
     torch.manual_seed(0)
-    return module.collect_rollout(prompts, max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=0)
+    return module.collect_rollout(prompts, Sampling(max_new_tokens=8))
 
 
 def test_lora_reference_is_the_base_model_with_adapters_off(

@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from cppo_lightning.module import CPPOModule
+from cppo_lightning.rollout import Sampling
 
 
 class RolloutCallback(pl.Callback):
@@ -42,10 +43,7 @@ class RolloutCallback(pl.Callback):
         if not 0 < top_p <= 1:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {top_p}.")
         self.group_size = group_size
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
+        self.sampling = Sampling(max_new_tokens, temperature, top_p, top_k)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -58,11 +56,4 @@ class RolloutCallback(pl.Callback):
                 f"model.group_size={pl_module.group_size}: "
                 "set them equal (the `cppo` CLI links them)."
             )
-        rollout = pl_module.collect_rollout(
-            batch,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-        )
-        pl_module.set_rollout(rollout)
+        pl_module.set_rollout(pl_module.collect_rollout(batch, self.sampling))
