@@ -204,6 +204,19 @@ class CPPOModule(LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
+    def on_fit_start(self) -> None:
+        # Fail before the first rollout, not after it, when the batch sizes cannot split.
+        batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
+        if (
+            self.mini_batch_size
+            and isinstance(batch_size, int)
+            and batch_size % self.mini_batch_size
+        ):
+            raise ValueError(
+                f"data.batch_size={batch_size} is not a multiple of model.mini_batch_size="
+                f"{self.mini_batch_size}: make data.batch_size a multiple of it."
+            )
+
     def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
         assert self.policy is not None, "configure_model() has not run"
         return (p for p in self.policy.parameters() if p.requires_grad)

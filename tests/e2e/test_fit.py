@@ -88,3 +88,15 @@ def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
     second = main(_fit_args(tmp_path, "--trainer.max_steps=4", f"--ckpt_path={ckpt}"))
     assert second.model.global_step == 4
     assert resolve_model_path("builtin:tiny-qwen2.5-vl")  # the base weights stay untouched
+
+
+def test_batch_sizes_that_cannot_split_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"data\.batch_size=2 is not a multiple of model\.mini"):
+        main(_fit_args(tmp_path, "--model.mini_batch_size=3"))
+
+
+def test_several_mini_batches_per_rollout_batch(tmp_path):
+    cli = main(_fit_args(tmp_path, "--model.mini_batch_size=1"))
+    # 2 rollout batches x 2 mini-batches would be 4 optimizer steps; max_steps=2 stops after one.
+    assert cli.model.global_step == 2
+    assert cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 1
