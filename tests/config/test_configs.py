@@ -40,7 +40,17 @@ def test_linked_values_have_one_source():
         _instantiate("--model.group_size=6")
 
 
-def test_print_config_documents_every_knob():
+def test_print_config_with_comments_documents_the_knobs():
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit):
+        main(["fit", "--config", str(BASE), "--print_config=comments"])
+    text = out.getvalue()
+    assert "# beta, weight of the KL to the frozen reference" in text
+    assert "# G, responses sampled per prompt" in text
+    assert "group_size: 8" in text
+
+
+def test_help_documents_every_knob():
     out = io.StringIO()
     with redirect_stdout(out), pytest.raises(SystemExit):
         main(["fit", "--config", str(BASE), "--help"])
