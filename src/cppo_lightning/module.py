@@ -205,6 +205,13 @@ class CPPOModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
     def on_fit_start(self) -> None:
+        if str(self.trainer.precision).startswith("16"):
+            # Gradients are clipped and their norm logged before the optimizer step, where fp16's
+            # loss scaling has not been undone yet.
+            raise ValueError(
+                f"trainer.precision={self.trainer.precision} is not supported: "
+                "use bf16-mixed (GPUs) or 32-true."
+            )
         # Fail before the first rollout, not after it, when the batch sizes cannot split.
         batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
         if (

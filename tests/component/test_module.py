@@ -106,3 +106,15 @@ def test_tiny_model_build_is_deterministic():
     assert pa.tokenizer.get_vocab() == pb.tokenizer.get_vocab()
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
+
+
+def test_fp16_precision_is_refused_with_the_alternative():
+    # Lightning turns 16-mixed into bf16-mixed on CPU, so the GPU case is staged with a stand-in.
+    from types import SimpleNamespace
+
+    module = CPPOModule()
+    module.trainer = SimpleNamespace(precision="16-mixed", datamodule=None)  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="use bf16-mixed"):
+        module.on_fit_start()
+    module.trainer = SimpleNamespace(precision="bf16-mixed", datamodule=None)  # type: ignore[assignment]
+    module.on_fit_start()
