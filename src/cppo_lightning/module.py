@@ -431,21 +431,24 @@ class CPPOModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Keep the trainable state only: the frozen reference and frozen base weights are
         # reloaded from model_name_or_path.
-        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}  # type: ignore[union-attr]
+        trainable = self._trainable_keys()
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if k in trainable
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
-        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}  # type: ignore[union-attr]
-        missing = sorted(trainable - set(checkpoint["state_dict"]))
+        missing = sorted(self._trainable_keys() - set(checkpoint["state_dict"]))
         if missing:
             raise ValueError(
                 f"the checkpoint lacks {len(missing)} trainable weights of this model "
                 f"(e.g. {missing[:3]}): it was written with another model or LoRA setting; "
                 "resume with the same model_name_or_path and lora as the run that wrote it."
             )
+
+    def _trainable_keys(self) -> set[str]:
+        assert self.policy is not None, "configure_model() has not run"
+        return {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
 
     def save_pretrained(self, directory: str) -> None:
         """Write the policy (LoRA merged) and its processor in Hugging Face format."""
