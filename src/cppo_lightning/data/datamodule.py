@@ -11,10 +11,13 @@ from typing import Any, Protocol
 
 import datasets
 import lightning.pytorch as pl
+import numpy as np
+import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from cppo_lightning.data.synthetic import INSTRUCTION, SyntheticShapes
+from cppo_lightning.data.views import ViewMaker
 from cppo_lightning.policy import DEFAULT_MODEL, load_processor
 from cppo_lightning.records import PromptBatch
 
@@ -32,15 +35,44 @@ def format_prompt(processor: Any, question: str, instruction: str = "") -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-class PromptCollator:
-    """Turns dataset rows into a :class:`PromptBatch` with the processor (left padding)."""
+ROW_INDEX = "__row_index__"
 
-    def __init__(self, processor: Any, instruction: str, image_column: str = "image") -> None:
+
+class _IndexedRows(Dataset):
+    """A split whose rows also carry their index (it seeds the row's image views)."""
+
+    def __init__(self, split: datasets.Dataset) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.split[index], ROW_INDEX: index}
+
+
+class PromptCollator:
+    """Turns dataset rows into a :class:`PromptBatch` with the processor (left padding).
+
+    With ``keep_images`` the batch also carries the images as float tensors in [0, 1], from
+    which the DataModule draws the perturbed views on the batch's device.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        instruction: str,
+        image_column: str = "image",
+        keep_images: bool = False,
+    ) -> None:
         self.processor = processor
         self.instruction = instruction
         self.image_column = image_column
+        self.keep_images = keep_images
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> PromptBatch:
+        row_index = torch.tensor([row.get(ROW_INDEX, -1) for row in rows], dtype=torch.long)
+        rows = [{k: v for k, v in row.items() if k != ROW_INDEX} for row in rows]
         images = [_rgb(row[self.image_column]) for row in rows]
         texts = [format_prompt(self.processor, row["question"], self.instruction) for row in rows]
         encoded = self.processor(
@@ -56,7 +88,15 @@ class PromptCollator:
             image_grid_thw=encoded["image_grid_thw"],
             mm_token_type_ids=encoded.get("mm_token_type_ids"),
             columns=columns,
+            row_index=row_index,
+            images=[_to_tensor(image) for image in images] if self.keep_images else None,
         )
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """``[3, H, W]`` float32 in [0, 1] (what the processor gives for the PIL image too)."""
+    array = np.array(image, dtype=np.uint8, copy=True)  # [H, W, 3]
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
 def _rgb(image: Any) -> Image.Image:
@@ -108,6 +148,13 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         question_column: Dataset column holding the question.
         answer_column: Dataset column holding the ground-truth answer.
         image_column: Dataset column holding the image.
+        preserving_view: Information-preserving perturbation I+ (any module mapping float
+            images ``[B, 3, H, W]`` -> ``[B, 3, H, W]``, e.g. the kornia augmentations and the
+            containers in :mod:`cppo_lightning.perturbations`); None draws no such view.
+        removing_view: Information-removing perturbation I- (CPPO's negative, PAPO's masked
+            image); None draws no such view.
+        view_seed: Base seed of the views; each prompt's views are drawn from (view_seed, row,
+            epoch), on the batch's device, independently of the training RNG.
     """
 
     def __init__(
@@ -121,6 +168,9 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         question_column: str = "question",
         answer_column: str = "answer",
         image_column: str = "image",
+        preserving_view: torch.nn.Module | None = None,
+        removing_view: torch.nn.Module | None = None,
+        view_seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1 or val_batch_size < 1:
@@ -137,8 +187,18 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         self.question_column = question_column
         self.answer_column = answer_column
         self.image_column = image_column
+        self.preserving_view = preserving_view
+        self.removing_view = removing_view
+        self.view_seed = view_seed
         self.splits: dict[str, datasets.Dataset] = {}
         self.collate: PromptCollator | None = None
+        self.view_maker: ViewMaker | None = None
+
+    @property
+    def view_names(self) -> tuple[str, ...]:
+        """The views that training batches carry (``preserving``, ``removing``)."""
+        views = {"preserving": self.preserving_view, "removing": self.removing_view}
+        return tuple(name for name, view in views.items() if view is not None)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -154,8 +214,12 @@ class VisionLanguageDataModule(pl.LightningDataModule):
             check_rows(ds, split, self.image_column, (self.question_column, self.answer_column))
             renames = {self.question_column: "question", self.answer_column: "answer"}
             self.splits[split] = ds.rename_columns({k: v for k, v in renames.items() if k != v})
+        processor = load_processor(self.processor_name_or_path)
+        self.view_maker = ViewMaker(
+            processor.image_processor, self.preserving_view, self.removing_view, self.view_seed
+        )
         self.collate = PromptCollator(
-            load_processor(self.processor_name_or_path), self.instruction, self.image_column
+            processor, self.instruction, self.image_column, keep_images=self.view_maker.enabled
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -164,10 +228,23 @@ class VisionLanguageDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", self.val_batch_size, shuffle=False)
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Views are drawn here, on the device the batch now lives on, for training batches only.
+        trainer = self.trainer
+        if (
+            isinstance(batch, PromptBatch)
+            and batch.images is not None
+            and self.view_maker is not None
+            and trainer is not None
+            and trainer.training
+        ):
+            return self.view_maker(batch, trainer.current_epoch)
+        return batch
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         assert self.collate is not None, "setup() has not run"
         return DataLoader(
-            self.splits[split],  # type: ignore[arg-type]
+            _IndexedRows(self.splits[split]),
             batch_size=batch_size,
             shuffle=shuffle,
             # Full batches only in training, so mini-batch splits and group statistics are stable.
