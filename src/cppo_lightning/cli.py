@@ -7,22 +7,41 @@ documentation. Values that must agree live in one place and are linked (see
 
 from __future__ import annotations
 
+from typing import Any
+
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from cppo_lightning.callbacks import RolloutCallback
+from cppo_lightning.callbacks import CPLWeight, PerceptionTokens, RolloutCallback
 from cppo_lightning.data import VisionLanguageDataModule
 from cppo_lightning.module import CPPOModule
 
 
 class CPPOCLI(LightningCLI):
-    """LightningCLI with the rollout callback always on (configured under ``rollout:``)."""
+    """LightningCLI with the rollout callback always on (configured under ``rollout:``) and
+    CPPO's perception-token and CPL-weight callbacks under ``perception_tokens:`` and
+    ``cpl_weight:`` (null for GRPO and PAPO)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RolloutCallback, "rollout")
+        # Run after the rollout callback (callbacks keep this order), so rollout-time detection
+        # sees the new rollout batch.
+        parser.add_lightning_class_args(
+            PerceptionTokens, "perception_tokens", subclass_mode=True, required=False
+        )
+        parser.add_lightning_class_args(CPLWeight, "cpl_weight", subclass_mode=True, required=False)
         parser.link_arguments("rollout.group_size", "model.group_size")
         parser.link_arguments("rollout.temperature", "model.temperature")
         parser.link_arguments("rollout.max_new_tokens", "model.max_new_tokens")
         parser.link_arguments("model.model_name_or_path", "data.processor_name_or_path")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # A section set to null (e.g. `cpl_weight: null` under GRPO) adds no callback.
+        extra = [
+            self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys
+        ]
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        return self._instantiate_trainer(trainer_config, [cb for cb in extra if cb is not None])
 
 
 def main(args: list[str] | None = None, run: bool = True) -> CPPOCLI:

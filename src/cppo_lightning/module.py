@@ -20,7 +20,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torchmetrics import MeanMetric
 
+from cppo_lightning.detection import TokenSelector, token_entropy
 from cppo_lightning.losses import aggregate, group_advantages, kl_estimate, policy_loss
+from cppo_lightning.perception import MicroBatch, PerceptionObjective
 from cppo_lightning.policy import (
     DEFAULT_MODEL,
     load_policy,
@@ -29,7 +31,7 @@ from cppo_lightning.policy import (
     suppressed_token_ids,
     token_logps,
 )
-from cppo_lightning.records import PromptBatch, RolloutBatch
+from cppo_lightning.records import PromptBatch, RolloutBatch, UpdateRecord
 from cppo_lightning.rewards import WeightedReward
 from cppo_lightning.rollout import Sampling, collect_rollouts
 
@@ -54,7 +56,8 @@ class LoraSettings:
 
 
 class CPPOModule(LightningModule):
-    """RL fine-tuning of a vision-language policy (GRPO objective) with a frozen reference.
+    """RL fine-tuning of a vision-language policy with a frozen reference: GRPO, plus CPPO's
+    contrastive perception loss or PAPO's implicit perception loss (``perception_loss``).
 
     Args:
         model_name_or_path: Hugging Face hub name, local path, or ``builtin:NAME`` for a model
@@ -64,6 +67,8 @@ class CPPOModule(LightningModule):
             ``flash_attention_2``); the model's default when None.
         lora: LoRA settings; None trains all weights against a frozen deep copy.
         reward: Reward terms and weights; the paper's 0.9 accuracy + 0.1 format when None.
+        perception_loss: Auxiliary loss on image views: :class:`ContrastivePerception` (CPPO),
+            :class:`ImplicitPerception` (PAPO), or None for plain GRPO.
         group_size: G, responses per prompt. Linked from ``rollout.group_size``.
         temperature: Sampling temperature; log-probs are computed from ``logits / temperature``
             as in the sampler. Linked from ``rollout.temperature``.
@@ -98,6 +103,7 @@ class CPPOModule(LightningModule):
         attn_implementation: str | None = None,
         lora: LoraSettings | None = None,
         reward: WeightedReward | None = None,
+        perception_loss: PerceptionObjective | None = None,
         group_size: int = 4,
         temperature: float = 1.0,
         mini_batch_size: int | None = None,
@@ -132,12 +138,17 @@ class CPPOModule(LightningModule):
             )
         if dual_clip is not None and dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (or null to disable), got {dual_clip}.")
-        self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["reward", "perception_loss", "optimizer", "lr_scheduler"])
         self.model_name_or_path = model_name_or_path
         self.dtype_name = dtype
         self.attn_implementation = attn_implementation
         self.lora = lora
         self.reward = reward if reward is not None else WeightedReward()
+        self.perception_loss = perception_loss
+        # Set by the perception_tokens and cpl_weight callbacks (CPPO only).
+        self.token_selector: TokenSelector | None = None
+        self.cpl_weight: float | None = None
+        self.last_update: UpdateRecord | None = None
         self.group_size = group_size
         self.temperature = temperature
         self.mini_batch_size = mini_batch_size
@@ -222,6 +233,50 @@ class CPPOModule(LightningModule):
             raise ValueError(
                 f"data.batch_size={batch_size} is not a multiple of model.mini_batch_size="
                 f"{self.mini_batch_size}: make data.batch_size a multiple of it."
+            )
+
+        self._check_perception_setup()
+
+    def _check_perception_setup(self) -> None:
+        objective = self.perception_loss
+        if objective is None:
+            return
+        name = type(objective).__name__
+        views = getattr(getattr(self.trainer, "datamodule", None), "view_names", None)
+        missing = [v for v in objective.views if views is not None and v not in views]
+        if missing:
+            raise ValueError(
+                f"model.perception_loss={name} needs the "
+                f"{' and '.join(missing)} view(s): set "
+                f"{', '.join(f'data.{v}_view' for v in missing)} (see configs/base.yaml and "
+                "configs/perturbations/)."
+            )
+        if objective.selects_tokens and (self.token_selector is None or self.cpl_weight is None):
+            raise ValueError(
+                f"model.perception_loss={name} needs the perception_tokens and cpl_weight "
+                "callbacks: add the `perception_tokens:` and `cpl_weight:` sections "
+                "(configs/base.yaml has them)."
+            )
+
+    def set_token_selector(self, selector: TokenSelector) -> None:
+        """Which tokens the contrastive loss uses (called by the perception-token callback)."""
+        self._require_token_objective("perception_tokens")
+        self.token_selector = selector
+
+    def set_cpl_weight(self, weight: float) -> None:
+        """lambda, the weight of the contrastive loss (called by the CPL-weight callback)."""
+        self._require_token_objective("cpl_weight")
+        if weight < 0:
+            raise ValueError(f"the CPL weight must be >= 0, got {weight}.")
+        self.cpl_weight = float(weight)
+
+    def _require_token_objective(self, section: str) -> None:
+        if self.perception_loss is None or not self.perception_loss.selects_tokens:
+            name = type(self.perception_loss).__name__ if self.perception_loss else None
+            raise ValueError(
+                f"`{section}:` configures CPPO's contrastive perception loss, but "
+                f"model.perception_loss is {name}: set `{section}: null` (the grpo and papo "
+                "overlays do) or use cppo_lightning.perception.ContrastivePerception."
             )
 
     def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
@@ -319,11 +374,22 @@ class CPPOModule(LightningModule):
     def _micro_batches(self, index: torch.Tensor) -> Iterator[torch.Tensor]:
         return iter(index.split(self.micro_batch_size))
 
-    def compute_loss(self, rollout: RolloutBatch, index: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """GRPO loss of one micro-batch: clipped surrogate + beta * KL(policy || reference)."""
+    def compute_loss(
+        self, rollout: RolloutBatch, index: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """Loss of one micro-batch: clipped surrogate + beta * KL + the perception term.
+
+        Returns:
+            The loss, detached statistics, and the ``[n, L]`` perception tokens it used (None
+            when the objective selects no tokens).
+        """
         assert self.policy is not None and rollout.advantages is not None
         mask = rollout.response_mask[index]  # [n, L]
-        logp = self.sequence_logps(self.policy, rollout, index)  # [n, L]
+        response_ids = rollout.response_ids[index]  # [n, L]
+        logits = response_logits(
+            self.policy, rollout.prompts, rollout.prompt_index[index], response_ids, mask
+        )  # [n, L, V]
+        logp = token_logps(logits, response_ids, self.temperature)  # [n, L]
         old_logp = rollout.old_logp[index] if rollout.old_logp is not None else logp.detach()
         loss, stats = policy_loss(
             logp,
@@ -348,8 +414,105 @@ class CPPOModule(LightningModule):
             )
             loss = loss + self.kl_coef * kl
             stats["train/kl"] = kl.detach()
+        perception_mask = None
+        if self.perception_loss is not None:
+            term = self.perception_loss(
+                self._micro_batch(rollout, index, logits, logp),
+                self.token_selector,
+                self.cpl_weight,
+            )
+            loss = loss + term.loss
+            stats.update({f"perception/{k}": v for k, v in term.stats.items()})
+            perception_mask = term.mask
         stats["train/loss"] = loss.detach()
-        return loss, stats
+        return loss, stats, perception_mask
+
+    def _micro_batch(
+        self, rollout: RolloutBatch, index: torch.Tensor, logits: torch.Tensor, logp: torch.Tensor
+    ) -> MicroBatch:
+        assert rollout.advantages is not None
+        views = rollout.prompts.views
+        if views is None:
+            raise ValueError(
+                "this batch carries no image views, which model.perception_loss needs: set "
+                "data.preserving_view / data.removing_view (configs/base.yaml has them)."
+            )
+
+        def view_logits(view: str, rows: torch.Tensor) -> torch.Tensor:
+            assert self.policy is not None
+            picked = index[rows]
+            return response_logits(
+                self.policy,
+                rollout.prompts,
+                rollout.prompt_index[picked],
+                rollout.response_ids[picked],
+                rollout.response_mask[picked],
+                pixel_values=views.pixel_values(view),
+            )
+
+        return MicroBatch(
+            logits=logits,
+            logp=logp,
+            response_ids=rollout.response_ids[index],
+            response_mask=rollout.response_mask[index],
+            advantages=rollout.advantages[index],
+            temperature=self.temperature,
+            view_logits=view_logits,
+            perception_mask=(
+                rollout.perception_mask[index] if rollout.perception_mask is not None else None
+            ),
+            loss_agg=self.loss_agg,
+            agg_constant=self.max_new_tokens,
+        )
+
+    @torch.no_grad()
+    def detect_perception_tokens(self, rollout: RolloutBatch) -> RolloutBatch:
+        """Detect perception tokens with the current (rollout-time) policy, before any update.
+
+        Entropies under the original and the information-removing image are computed in
+        micro-batches, so full-vocabulary logits exist for one view of one micro-batch at a
+        time. Advantage gating is applied later, in the loss.
+        """
+        assert self.policy is not None
+        if self.token_selector is None:
+            raise RuntimeError("no token selector: the perception_tokens callback sets it.")
+        views = rollout.prompts.views
+        if views is None:
+            raise ValueError("rollout-time detection needs data.removing_view.")
+        selector = dataclasses.replace(self.token_selector, gate_advantages=False)
+        masks = []
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            for index in self._micro_batches(
+                torch.arange(rollout.num_responses, device=self.device)
+            ):
+                ids, mask = rollout.response_ids[index], rollout.response_mask[index]
+                prompt_index = rollout.prompt_index[index]
+                entropy = token_entropy(
+                    response_logits(self.policy, rollout.prompts, prompt_index, ids, mask),
+                    self.temperature,
+                )
+                entropy_neg = token_entropy(
+                    response_logits(
+                        self.policy,
+                        rollout.prompts,
+                        prompt_index,
+                        ids,
+                        mask,
+                        pixel_values=views.pixel_values("removing"),
+                    ),
+                    self.temperature,
+                )
+                masks.append(selector(entropy, entropy_neg, mask))
+        finally:
+            self.policy.train(was_training)
+        return dataclasses.replace(rollout, perception_mask=torch.cat(masks))
+
+    @property
+    def pending_rollout(self) -> RolloutBatch | None:
+        """The rollout batch the next training step will learn from (set by ``set_rollout``)."""
+        return self._rollout
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         start = time.perf_counter()
@@ -358,15 +521,18 @@ class CPPOModule(LightningModule):
         scheduler = self.lr_schedulers()
         sums: dict[str, float] = {}
         count = 0
+        masks: list[torch.Tensor] = []
         for mini in self._mini_batches(rollout):
             optimizer.zero_grad()
             micros = list(self._micro_batches(mini))
             for micro in micros:
-                loss, stats = self.compute_loss(rollout, micro)
+                loss, stats, perception_mask = self.compute_loss(rollout, micro)
                 self.manual_backward(loss / len(micros))
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
                 count += 1
+                if perception_mask is not None:
+                    masks.append(perception_mask)
             grad_norm = self._clip_gradients()
             sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + grad_norm * len(micros)
             optimizer.step()
@@ -379,6 +545,7 @@ class CPPOModule(LightningModule):
         # Averaged over ranks under DDP/FSDP, so the logged curve describes the whole batch.
         self.log_dict(metrics, batch_size=rollout.num_responses, sync_dist=True)
         self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False)
+        self.last_update = UpdateRecord(rollout, torch.cat(masks) if masks else None)
 
     def _clip_gradients(self) -> float:
         params = [p for p in self.trainable_parameters() if p.grad is not None]

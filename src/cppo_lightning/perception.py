@@ -1,0 +1,271 @@
+"""Perception objectives added to the GRPO loss: CPPO's contrastive loss and PAPO's baseline.
+
+An objective is chosen in the config (``model.perception_loss``; null is plain GRPO). It names
+the image views it needs and turns the forwards of one micro-batch under those views into a loss
+term. The math is in :mod:`cppo_lightning.losses` and :mod:`cppo_lightning.detection`; this file
+decides which forwards to run, on which responses, and hands the pure functions their inputs.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from cppo_lightning.detection import TokenSelector, token_entropy
+from cppo_lightning.losses import aggregate, contrastive_perception_loss, implicit_perception_loss
+from cppo_lightning.policy import token_logps
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of n responses as an objective sees it.
+
+    Attributes:
+        logits: ``[n, L, V]`` policy logits under the original image (graph attached; the
+            temperature not applied yet).
+        logp: ``[n, L]`` log-probs of the sampled tokens under the original image (graph).
+        response_ids: ``[n, L]``.
+        response_mask: ``[n, L]``.
+        advantages: ``[n]``.
+        temperature: Sampling temperature (log-probs and entropies use ``logits / T``).
+        view_logits: ``(view, rows) -> [m, L, V]`` policy logits of the responses ``rows``
+            (indices into this micro-batch) with the image replaced by ``view``
+            (``"preserving"`` or ``"removing"``), graph attached.
+        perception_mask: ``[n, L]`` tokens detected at rollout time (before gating), or None
+            to detect them here from the update-time forwards.
+        loss_agg: Token aggregation of the policy loss (PAPO aggregates the same way).
+        agg_constant: The Dr. GRPO normaliser.
+    """
+
+    logits: Tensor
+    logp: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    advantages: Tensor
+    temperature: float
+    view_logits: Callable[[str, Tensor], Tensor]
+    perception_mask: Tensor | None = None
+    loss_agg: str = "token-mean"
+    agg_constant: float | None = None
+
+
+class PerceptionTerm(NamedTuple):
+    """An objective's contribution to a micro-batch loss.
+
+    Attributes:
+        loss: Weighted scalar added to the policy loss.
+        stats: Detached scalars to log (``perception/...``).
+        mask: ``[n, L]`` tokens the term was computed on, when it selects tokens.
+    """
+
+    loss: Tensor
+    stats: dict[str, Tensor]
+    mask: Tensor | None = None
+
+
+class PerceptionObjective(abc.ABC):
+    """An auxiliary loss on image views. ``views`` lists the ones the DataModule must draw."""
+
+    views: tuple[str, ...] = ()
+    #: Whether the objective uses the perception-token selector and the CPL weight callbacks.
+    selects_tokens: bool = False
+
+    @abc.abstractmethod
+    def __call__(
+        self, batch: MicroBatch, selector: TokenSelector | None, weight: float | None
+    ) -> PerceptionTerm: ...
+
+
+class ContrastivePerception(PerceptionObjective):
+    """CPPO's Contrastive Perception Loss (spec §2-§3) on detected perception tokens.
+
+    Detection compares each token's entropy under the original and the information-removing
+    image. With advantage gating (the default) only responses with A > 0 can carry selected
+    tokens, so the I- and I+ forwards run on those responses only: the loss is the same as
+    running them on all, for a fraction of the cost. The token selector and lambda come from
+    the ``perception_tokens`` and ``cpl_weight`` callbacks.
+
+    Args:
+        tau: Temperature of the two-candidate InfoNCE, ``softplus((D+ - D-) / tau)``.
+        divergence: ``k3`` (default; clamped one-sample KL estimate), ``k1`` (log-ratio; the
+            anchor cancels), or ``kl`` (exact full-vocabulary KL at the selected tokens).
+        stop_gradient_anchor: Detach the original-image branch inside the CPL (the policy loss
+            still trains it); the recipe lets gradients flow through all three branches.
+    """
+
+    views = ("preserving", "removing")
+    selects_tokens = True
+
+    def __init__(
+        self,
+        tau: float = 0.1,
+        divergence: Literal["k3", "k1", "kl"] = "k3",
+        stop_gradient_anchor: bool = False,
+    ) -> None:
+        if tau <= 0:
+            raise ValueError(f"model.perception_loss.tau must be > 0, got {tau}.")
+        if divergence not in ("k3", "k1", "kl"):
+            raise ValueError(
+                f"model.perception_loss.divergence must be k3, k1 or kl, got {divergence!r}."
+            )
+        self.tau = tau
+        self.divergence = divergence
+        self.stop_gradient_anchor = stop_gradient_anchor
+
+    def __call__(
+        self, batch: MicroBatch, selector: TokenSelector | None, weight: float | None
+    ) -> PerceptionTerm:
+        if selector is None or weight is None:
+            raise RuntimeError(
+                "ContrastivePerception needs the perception_tokens and cpl_weight callbacks "
+                "(the `cppo` CLI adds them from the perception_tokens: and cpl_weight: sections)."
+            )
+        n = batch.logp.shape[0]
+        full_mask = torch.zeros_like(batch.response_mask, dtype=torch.bool)  # [n, L]
+        valid = batch.response_mask.bool()  # [n, L]
+        if selector.gate_advantages:
+            rows = torch.nonzero(batch.advantages > 0).flatten()
+        else:
+            rows = torch.arange(n, device=batch.logp.device)
+        stats: dict[str, Tensor] = {
+            "gated_fraction": torch.tensor(rows.numel() / max(n, 1)),
+            "lambda": torch.tensor(float(weight)),
+        }
+        zero = batch.logp.sum() * 0.0  # keeps the graph, so backward works with nothing selected
+        if rows.numel() == 0:
+            return PerceptionTerm(zero, {**stats, **_empty_stats()}, full_mask)
+        ids, mask = batch.response_ids[rows], batch.response_mask[rows]  # [m, L]
+        logits = batch.logits[rows]  # [m, L, V]
+        logits_neg = batch.view_logits("removing", rows)  # [m, L, V]
+        with torch.no_grad():
+            entropy = token_entropy(logits.detach(), batch.temperature)  # [m, L]
+            entropy_neg = token_entropy(logits_neg.detach(), batch.temperature)  # [m, L]
+            if batch.perception_mask is not None:  # detected at rollout time
+                selected = batch.perception_mask[rows].bool() & mask.bool()
+            else:
+                selected = selector(entropy, entropy_neg, mask, batch.advantages[rows])
+            shift = (entropy_neg - entropy)[mask.bool()]
+        stats["entropy_shift"] = shift.mean() if shift.numel() else torch.tensor(0.0)
+        stats["token_fraction"] = selected.sum() / valid[rows].sum().clamp(min=1)
+        full_mask[rows] = selected
+        if not selected.any():
+            return PerceptionTerm(zero, {**stats, **_empty_stats()}, full_mask)
+        logits_pos = batch.view_logits("preserving", rows)  # [m, L, V]
+        if self.divergence == "kl":
+            # Full distributions at the selected tokens only: [1, S, V] each.
+            def dist(x: Tensor) -> Tensor:
+                return torch.log_softmax(x[selected].float() / batch.temperature, -1)[None]
+
+            inputs = (dist(logits), dist(logits_pos), dist(logits_neg))
+            token_mask = torch.ones_like(inputs[0][..., 0])  # [1, S]
+        else:
+            inputs = (
+                batch.logp[rows],
+                token_logps(logits_pos, ids, batch.temperature),
+                token_logps(logits_neg, ids, batch.temperature),
+            )
+            token_mask = selected.to(batch.logp.dtype)
+        # L_CPL is normalised by the selected tokens of the micro-batch; rows without any
+        # contribute 0 to both sums, so computing on ``rows`` only gives the same value.
+        cpl, cpl_stats = contrastive_perception_loss(
+            *inputs,
+            token_mask,
+            tau=self.tau,
+            divergence=self.divergence,
+            stop_gradient_anchor=self.stop_gradient_anchor,
+        )
+        stats.update(cpl_stats)
+        return PerceptionTerm(weight * cpl, stats, full_mask)
+
+
+def _empty_stats() -> dict[str, Tensor]:
+    keys = ("cpl", "d_pos", "d_neg", "selected_tokens", "contrast_accuracy")
+    return {key: torch.tensor(0.0) for key in keys}
+
+
+class ImplicitPerception(PerceptionObjective):
+    """PAPO's baseline (spec §5): maximise KL(pi(.|I) || pi(.|I_mask)) on all tokens of all
+    rollouts, plus the double-entropy penalty on both branches.
+
+    The masked image is the DataModule's ``removing_view`` (PAPO's patch masking in
+    ``configs/experiments/papo.yaml``). As in the PAPO authors' verl code, the KL is the clamped
+    k3 estimate with the original image as anchor, and the entropies are "sampled" ones, the
+    mean negative log-prob of the sampled tokens, aggregated like the policy loss.
+
+    Args:
+        gamma: Weight of the implicit perception loss ``-KL`` (PAPO: 0.01-0.02).
+        entropy_coef: Weight of the entropy under the original image (PAPO-D: 0.03).
+        masked_entropy_coef: Weight of the entropy under the masked image (PAPO-D: 0.03).
+        entropy: ``sampled`` (-log-prob of the sampled token, PAPO's default) or ``full``
+            (full-vocabulary entropy; keeps autograd buffers of ``[n, L, V]``).
+        detach_masked: Stop gradients through the masked branch (then only the original-image
+            branch is pushed away, and the masked entropy term has no gradient).
+        kl_estimator: Estimator of the KL: ``k3`` (clamped, as PAPO), ``k1`` or ``k2``.
+    """
+
+    views = ("removing",)
+
+    def __init__(
+        self,
+        gamma: float = 0.02,
+        entropy_coef: float = 0.03,
+        masked_entropy_coef: float = 0.03,
+        entropy: Literal["sampled", "full"] = "sampled",
+        detach_masked: bool = False,
+        kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+    ) -> None:
+        if min(gamma, entropy_coef, masked_entropy_coef) < 0:
+            raise ValueError(
+                "model.perception_loss gamma, entropy_coef and masked_entropy_coef must be >= 0, "
+                f"got {gamma}, {entropy_coef}, {masked_entropy_coef}."
+            )
+        if entropy not in ("sampled", "full"):
+            raise ValueError(
+                f"model.perception_loss.entropy must be sampled or full, got {entropy!r}."
+            )
+        self.gamma = gamma
+        self.entropy_coef = entropy_coef
+        self.masked_entropy_coef = masked_entropy_coef
+        self.entropy = entropy
+        self.detach_masked = detach_masked
+        self.kl_estimator = kl_estimator
+
+    def _entropy(self, logits: Tensor, logp: Tensor, batch: MicroBatch) -> Tensor:
+        per_token = -logp if self.entropy == "sampled" else token_entropy(logits, batch.temperature)
+        return aggregate(per_token, batch.response_mask, batch.loss_agg, batch.agg_constant)
+
+    def __call__(
+        self, batch: MicroBatch, selector: TokenSelector | None, weight: float | None
+    ) -> PerceptionTerm:
+        rows = torch.arange(batch.logp.shape[0], device=batch.logp.device)
+        logits_masked = batch.view_logits("removing", rows)  # [n, L, V]
+        if self.detach_masked:
+            logits_masked = logits_masked.detach()
+        logp_masked = token_logps(logits_masked, batch.response_ids, batch.temperature)  # [n, L]
+        ipl, stats = implicit_perception_loss(
+            batch.logp,
+            logp_masked,
+            batch.response_mask,
+            agg=batch.loss_agg,
+            agg_constant=batch.agg_constant,
+            kind=self.kl_estimator,
+        )
+        entropy = self._entropy(batch.logits, batch.logp, batch)
+        masked_entropy = self._entropy(logits_masked, logp_masked, batch)
+        loss = (
+            self.gamma * ipl
+            + self.entropy_coef * entropy
+            + self.masked_entropy_coef * masked_entropy
+        )
+        stats = {
+            **stats,
+            "ipl": ipl.detach(),
+            "entropy": entropy.detach(),
+            "masked_entropy": masked_entropy.detach(),
+        }
+        return PerceptionTerm(loss, stats, None)
