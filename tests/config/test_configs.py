@@ -124,3 +124,31 @@ def test_console_script_exits_zero():
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "group_size: 8" in done.stdout
+
+
+def test_base_runs_cppo_and_the_overlays_swap_the_objective():
+    from cppo_lightning.callbacks import CPLWeight, PerceptionTokens
+    from cppo_lightning.perception import ContrastivePerception, ImplicitPerception
+    from cppo_lightning.perturbations import OneOf, PatchMask
+
+    cli = _instantiate()
+    assert isinstance(cli.model.perception_loss, ContrastivePerception)
+    assert {type(cb) for cb in cli.trainer.callbacks} >= {PerceptionTokens, CPLWeight}
+    assert isinstance(cli.datamodule.preserving_view, OneOf)
+    grpo = _instantiate("--config", str(REPO / "configs/experiments/grpo.yaml"))
+    assert grpo.model.perception_loss is None and grpo.datamodule.view_names == ()
+    papo = _instantiate("--config", str(REPO / "configs/experiments/papo.yaml"))
+    assert isinstance(papo.model.perception_loss, ImplicitPerception)
+    assert isinstance(papo.datamodule.removing_view, PatchMask)
+    assert papo.datamodule.view_names == ("removing",)
+
+
+def test_a_perturbation_overlay_or_flag_swaps_the_view():
+    from cppo_lightning.perturbations import OneOf, PatchMask, ZoomCrop
+
+    cli = _instantiate("--config", str(REPO / "configs/perturbations/patch-mask.yaml"))
+    assert isinstance(cli.datamodule.removing_view, PatchMask)
+    assert cli.datamodule.removing_view.patch_size == 14
+    assert isinstance(cli.datamodule.preserving_view, OneOf)  # the other view is untouched
+    flag = _instantiate("--data.removing_view=cppo_lightning.perturbations.ZoomCrop")
+    assert isinstance(flag.datamodule.removing_view, ZoomCrop)
