@@ -1,27 +1,36 @@
-"""Time the training step of the default run: rollout (generate + score) vs update.
+"""Time a training step of GRPO, PAPO and CPPO on the same run, side by side, and print ratios.
 
-    python benchmarks/step_time.py [--steps 30] [--config configs/base.yaml] [--accelerator cpu]
+    python benchmarks/step_time.py [--steps 12] [--rounds 3] [--accelerator auto]
 
-Runs `cppo fit` in-process for a few steps with the given config, reads the per-step timings the
-module logs (`rollout/seconds`, `train/update_seconds`) and prints their medians, the share of
-each, and peak memory (CUDA peak allocated, or the process's max RSS on CPU). Figures go into
+Each (method, round) runs `cppo fit` for a few steps in a fresh child process (so peak memory is
+per method): CPPO is configs/base.yaml, GRPO and PAPO add configs/experiments/{grpo,papo}.yaml.
+Rounds interleave the methods (cppo, grpo, papo, cppo, ...), so a slow spell of a shared machine
+hits all of them alike. The per-step timings the module logs (`rollout/seconds`,
+`train/update_seconds`) are read back from TensorBoard, the first step of each child dropped
+(warm-up), and their medians over all rounds printed with each method's ratio to GRPO. Peak
+memory: CUDA peak allocated on a GPU, else the child's max RSS. Figures go into
 docs/results.md; nothing here is asserted by tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from cppo_lightning.cli import main as cppo
-
 REPO = Path(__file__).resolve().parents[1]
+OVERLAYS = {
+    "grpo": ["configs/experiments/grpo.yaml"],
+    "papo": ["configs/experiments/papo.yaml"],
+    "cppo": [],
+}
 
 
 def _scalars(log_dir: str, tag: str) -> list[float]:
@@ -29,53 +38,112 @@ def _scalars(log_dir: str, tag: str) -> list[float]:
 
     events = EventAccumulator(log_dir)
     events.Reload()
-    return [e.value for e in events.Scalars(tag)]
+    return [e.value for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def child(method: str, steps: int, accelerator: str) -> None:
+    """Run one short fit and print its per-step timings as one JSON line."""
+    from cppo_lightning.cli import main as cppo
+
+    configs = ["--config", str(REPO / "configs" / "base.yaml")]
+    for overlay in OVERLAYS[method]:
+        configs += ["--config", str(REPO / overlay)]
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = cppo(
+            [
+                "fit",
+                *configs,
+                f"--trainer.max_steps={steps}",
+                f"--trainer.val_check_interval={steps}",
+                "--trainer.limit_val_batches=0",
+                "--trainer.num_sanity_val_steps=0",
+                "--trainer.log_every_n_steps=1",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_checkpointing=false",
+                f"--trainer.accelerator={accelerator}",
+                f"--trainer.default_root_dir={tmp}",
+                "--trainer.callbacks=[]",
+            ]
+        )
+        log_dir = cli.trainer.log_dir
+        assert log_dir is not None
+        result = {
+            "rollout": _scalars(log_dir, "rollout/seconds")[1:],
+            "update": _scalars(log_dir, "train/update_seconds")[1:],
+            "selected": _scalars(log_dir, "perception/token_fraction")[1:],
+            "gated": _scalars(log_dir, "perception/gated_fraction")[1:],
+        }
+    on_gpu = cli.trainer.strategy.root_device.type == "cuda"
+    if on_gpu:
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["device"] = torch.cuda.get_device_name()
+    else:
+        result["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        result["device"] = f"cpu ({torch.get_num_threads()} threads)"
+    print("RESULT " + json.dumps(result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--config", default=str(REPO / "configs" / "base.yaml"))
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=12, help="steps per child run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=["cppo", "grpo", "papo"])
     parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--child", choices=sorted(OVERLAYS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(args.child, args.steps, args.accelerator)
+        return
 
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        cli = cppo(
-            [
-                "fit",
-                "--config",
-                args.config,
-                f"--trainer.max_steps={args.steps}",
-                f"--trainer.val_check_interval={args.steps}",
-                "--trainer.num_sanity_val_steps=0",
-                "--trainer.log_every_n_steps=1",
-                "--trainer.enable_progress_bar=false",
-                "--trainer.enable_checkpointing=false",
-                f"--trainer.accelerator={args.accelerator}",
-                f"--trainer.default_root_dir={tmp}",
-                "--trainer.callbacks=[]",
-            ]
+    runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+    for round_ in range(args.rounds):
+        for method in args.methods:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    method,
+                    "--steps",
+                    str(args.steps),
+                    "--accelerator",
+                    args.accelerator,
+                ],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+            )
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode or not lines:
+                sys.exit(f"{method} failed:\n{out.stderr[-3000:]}")
+            runs[method].append(json.loads(lines[-1][len("RESULT ") :]))
+            print(f"round {round_ + 1}/{args.rounds}: {method} done", file=sys.stderr)
+
+    def median(method: str, key: str) -> float:
+        values = [v for run in runs[method] for v in run[key]]
+        return statistics.median(values) if values else float("nan")
+
+    device = runs[args.methods[0]][0]["device"]
+    print(f"device: {device}   {args.rounds} rounds x {args.steps} steps per method (interleaved)")
+    print(
+        f"{'method':<6} {'rollout s':>10} {'update s':>9} {'step s':>7} {'x GRPO':>7} "
+        f"{'update x':>9} {'peak GiB':>9} {'selected':>9} {'gated':>6}"
+    )
+    base = median("grpo", "rollout") + median("grpo", "update") if "grpo" in runs else None
+    base_update = median("grpo", "update") if "grpo" in runs else None
+    for method in args.methods:
+        r, u = median(method, "rollout"), median(method, "update")
+        peak = max(run["peak_gib"] for run in runs[method])
+        ratio = f"{(r + u) / base:.2f}x" if base else "-"
+        update_ratio = f"{u / base_update:.2f}x" if base_update else "-"
+        selected = median(method, "selected")
+        gated = median(method, "gated")
+        print(
+            f"{method:<6} {r:>10.3f} {u:>9.3f} {r + u:>7.3f} {ratio:>7} {update_ratio:>9} "
+            f"{peak:>9.2f} {selected:>9.3f} {gated:>6.2f}"
         )
-        wall = time.perf_counter() - start
-        log_dir = cli.trainer.log_dir
-        assert log_dir is not None
-        rollout = _scalars(log_dir, "rollout/seconds")[1:]  # the first step warms caches
-        update = _scalars(log_dir, "train/update_seconds")[1:]
-    on_gpu = cli.trainer.strategy.root_device.type == "cuda"  # fit moves the model back to CPU
-    if on_gpu:
-        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA, peak allocated)"
-    else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (max RSS)"
-    r, u = statistics.median(rollout), statistics.median(update)
-    device = torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"config: {args.config}  device: {device}  steps: {args.steps}")
-    print(f"median rollout (generate + score): {r:.3f} s  ({r / (r + u):.0%} of a step)")
-    print(f"median update (ref pass + fwd/bwd + step): {u:.3f} s  ({u / (r + u):.0%} of a step)")
-    print(f"median step: {r + u:.3f} s   whole run incl. start-up and validation: {wall:.1f} s")
-    print(f"peak memory: {peak}")
 
 
 if __name__ == "__main__":
