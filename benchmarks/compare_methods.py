@@ -76,10 +76,12 @@ def main() -> None:
                 seconds = train(method, seed, run_dir(method, seed))
                 print(f"{method} seed {seed}: {seconds:.0f} s", flush=True)
 
+    # Runs that do not exist (e.g. baselines trained for fewer seeds) are left out.
     curves = {
         (m, s): read_scalars(run_dir(m, s), "val/accuracy")
         for m in args.methods
         for s in args.seeds
+        if (run_dir(m, s) / "lightning_logs").is_dir()
     }
     steps = sorted({step for curve in curves.values() for step, _ in curve})
     print("\nval/accuracy (avg@4, T=1, 256 held-out prompts)\n")
@@ -96,17 +98,20 @@ def main() -> None:
         print(f"\nCPPO detection, mean over the first / last {args.window} steps\n")
         print("| seed | window | precision | base rate | lift |")
         print("|---:|---|---:|---:|---:|")
-        for seed in args.seeds:
+        for seed in [s for m, s in curves if m == "cppo"]:
             precision = read_scalars(run_dir("cppo", seed), "perception/precision")
             base = read_scalars(run_dir("cppo", seed), "perception/base_rate")
             detection[seed] = (precision, base)
-            for name, part in (
-                ("early", slice(0, args.window)),
-                ("late", slice(-args.window, None)),
+            last = precision[-1][0]
+            for name, first_step, last_step in (
+                ("early", 0, args.window - 1),
+                ("late", last - args.window + 1, last),
             ):
-                p = statistics.mean(v for _, v in precision[part])
-                b = statistics.mean(v for _, v in base[part])
-                steps_ = f"steps {precision[part][0][0]}-{precision[part][-1][0]}"
+                part_p = [(t, v) for t, v in precision if first_step <= t <= last_step]
+                part_b = [v for t, v in base if first_step <= t <= last_step]
+                p = statistics.mean(v for _, v in part_p)
+                b = statistics.mean(part_b)
+                steps_ = f"steps {part_p[0][0]}-{part_p[-1][0]}, {len(part_p)} points"
                 print(f"| {seed} | {name} ({steps_}) | {p:.3f} | {b:.3f} | {p / b:.2f}x |")
 
     try:
@@ -131,16 +136,20 @@ def main() -> None:
     print(f"wrote {args.img / 'methods.png'}")
     if detection:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for seed, (precision, base) in detection.items():
-            for series, label in ((precision, "precision of selected tokens"), (base, "base rate")):
+        for number, (seed, (precision, base)) in enumerate(detection.items()):
+            color = f"C{number}"
+            for series, label, style in (
+                (precision, "selected tokens", "-"),
+                (base, "base rate", "--"),
+            ):
                 steps_, values = zip(*series, strict=True)
                 smooth = [
                     statistics.mean(values[max(0, i - 9) : i + 1]) for i in range(len(values))
                 ]
-                ax.plot(steps_, smooth, label=f"{label} (seed {seed})")
+                ax.plot(steps_, smooth, style, color=color, label=f"{label} (seed {seed})")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("share of tokens in a perception word")
-        ax.set_title("CPPO detection vs base rate (10-step running mean)")
+        ax.set_title("CPPO: perception-word share, running mean of 10 logged points")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

@@ -7,7 +7,9 @@ per method): CPPO is configs/base.yaml, GRPO and PAPO add configs/experiments/{g
 Rounds interleave the methods (cppo, grpo, papo, cppo, ...), so a slow spell of a shared machine
 hits all of them alike. The per-step timings the module logs (`rollout/seconds`,
 `train/update_seconds`) are read back from TensorBoard, the first step of each child dropped
-(warm-up), and their medians over all rounds printed with each method's ratio to GRPO. Peak
+(warm-up), and their medians over all rounds printed with each method's ratio to GRPO. Drawing
+the image views (DataModule, outside both logged timings) is timed separately on fresh batches
+and counted in the step. Peak
 memory: CUDA peak allocated on a GPU, else the child's max RSS. Figures go into
 docs/results.md; nothing here is asserted by tests.
 """
@@ -21,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -67,7 +70,19 @@ def child(method: str, steps: int, accelerator: str) -> None:
         )
         log_dir = cli.trainer.log_dir
         assert log_dir is not None
+        # Drawing the views happens in the DataModule's on_after_batch_transfer, outside both
+        # logged timings: time it on fresh batches (0 when the method draws no views).
+        views = []
+        maker = cli.datamodule.view_maker
+        if maker is not None and maker.enabled:
+            device = cli.trainer.strategy.root_device
+            for _, batch in zip(range(steps), cli.datamodule.train_dataloader(), strict=False):
+                batch = cli.datamodule.transfer_batch_to_device(batch, device, 0)
+                start = time.perf_counter()
+                maker(batch, 0)
+                views.append(time.perf_counter() - start)
         result = {
+            "views": views or [0.0],
             "rollout": _scalars(log_dir, "rollout/seconds")[1:],
             "update": _scalars(log_dir, "train/update_seconds")[1:],
             "selected": _scalars(log_dir, "perception/token_fraction")[1:],
@@ -131,17 +146,22 @@ def main() -> None:
         f"{'method':<6} {'rollout s':>10} {'update s':>9} {'step s':>7} {'x GRPO':>7} "
         f"{'update x':>9} {'peak GiB':>9} {'selected':>9} {'gated':>6}"
     )
-    base = median("grpo", "rollout") + median("grpo", "update") if "grpo" in runs else None
+
+    def step(method: str) -> float:
+        return median(method, "rollout") + median(method, "views") + median(method, "update")
+
+    base = step("grpo") if "grpo" in runs else None
     base_update = median("grpo", "update") if "grpo" in runs else None
     for method in args.methods:
-        r, u = median(method, "rollout"), median(method, "update")
+        r, v, u = median(method, "rollout"), median(method, "views"), median(method, "update")
         peak = max(run["peak_gib"] for run in runs[method])
-        ratio = f"{(r + u) / base:.2f}x" if base else "-"
+        ratio = f"{step(method) / base:.2f}x" if base else "-"
         update_ratio = f"{u / base_update:.2f}x" if base_update else "-"
         selected = median(method, "selected")
         gated = median(method, "gated")
         print(
-            f"{method:<6} {r:>10.3f} {u:>9.3f} {r + u:>7.3f} {ratio:>7} {update_ratio:>9} "
+            f"{method:<6} {r:>10.3f} {v:>8.3f} {u:>9.3f} {step(method):>7.3f} {ratio:>7} "
+            f"{update_ratio:>9} "
             f"{peak:>9.2f} {selected:>9.3f} {gated:>6.2f}"
         )
 
