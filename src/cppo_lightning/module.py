@@ -20,11 +20,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torchmetrics import MeanMetric
 
-from cppo_lightning.detection import TokenSelector, token_entropy
+from cppo_lightning.detection import TokenSelector
 from cppo_lightning.losses import aggregate, group_advantages, kl_estimate, policy_loss
-from cppo_lightning.perception import MicroBatch, PerceptionObjective
+from cppo_lightning.perception import PerceptionObjective, detect_tokens, micro_batch
 from cppo_lightning.policy import (
     DEFAULT_MODEL,
+    LoraSettings,
     load_policy,
     load_processor,
     response_logits,
@@ -33,26 +34,7 @@ from cppo_lightning.policy import (
 )
 from cppo_lightning.records import PromptBatch, RolloutBatch, UpdateRecord
 from cppo_lightning.rewards import WeightedReward
-from cppo_lightning.rollout import Sampling, collect_rollouts
-
-
-@dataclasses.dataclass
-class LoraSettings:
-    """LoRA adapters through peft; the frozen reference is then the base model with adapters off.
-
-    Args:
-        r: Rank of the adapters.
-        alpha: Scaling numerator (the update is scaled by alpha / r).
-        dropout: Dropout on the adapter input.
-        target_modules: Module names to adapt (q_proj/v_proj reach the language model only).
-    """
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = dataclasses.field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
+from cppo_lightning.rollout import Sampling, collect_rollouts, rollout_metrics
 
 
 class CPPOModule(LightningModule):
@@ -416,8 +398,18 @@ class CPPOModule(LightningModule):
             stats["train/kl"] = kl.detach()
         perception_mask = None
         if self.perception_loss is not None:
+            micro = micro_batch(
+                self.policy,
+                rollout,
+                index,
+                logits,
+                logp,
+                self.temperature,
+                self.loss_agg,
+                self.max_new_tokens,
+            )
             term = self.perception_loss(
-                self._micro_batch(rollout, index, logits, logp),
+                micro,
                 self.token_selector,
                 self.cpl_weight,
             )
@@ -427,87 +419,25 @@ class CPPOModule(LightningModule):
         stats["train/loss"] = loss.detach()
         return loss, stats, perception_mask
 
-    def _micro_batch(
-        self, rollout: RolloutBatch, index: torch.Tensor, logits: torch.Tensor, logp: torch.Tensor
-    ) -> MicroBatch:
-        assert rollout.advantages is not None
-        views = rollout.prompts.views
-        if views is None:
-            raise ValueError(
-                "this batch carries no image views, which model.perception_loss needs: set "
-                "data.preserving_view / data.removing_view (configs/base.yaml has them)."
-            )
-
-        def view_logits(view: str, rows: torch.Tensor) -> torch.Tensor:
-            assert self.policy is not None
-            picked = index[rows]
-            return response_logits(
-                self.policy,
-                rollout.prompts,
-                rollout.prompt_index[picked],
-                rollout.response_ids[picked],
-                rollout.response_mask[picked],
-                pixel_values=views.pixel_values(view),
-            )
-
-        return MicroBatch(
-            logits=logits,
-            logp=logp,
-            response_ids=rollout.response_ids[index],
-            response_mask=rollout.response_mask[index],
-            advantages=rollout.advantages[index],
-            temperature=self.temperature,
-            view_logits=view_logits,
-            perception_mask=(
-                rollout.perception_mask[index] if rollout.perception_mask is not None else None
-            ),
-            loss_agg=self.loss_agg,
-            agg_constant=self.max_new_tokens,
-        )
-
-    @torch.no_grad()
     def detect_perception_tokens(self, rollout: RolloutBatch) -> RolloutBatch:
-        """Detect perception tokens with the current (rollout-time) policy, before any update.
-
-        Entropies under the original and the information-removing image are computed in
-        micro-batches, so full-vocabulary logits exist for one view of one micro-batch at a
-        time. Advantage gating is applied later, in the loss.
-        """
+        """Detect perception tokens with the current (rollout-time) policy, before any update
+        (no gating: that is applied in the loss). See :func:`perception.detect_tokens`."""
         assert self.policy is not None
         if self.token_selector is None:
             raise RuntimeError("no token selector: the perception_tokens callback sets it.")
-        views = rollout.prompts.views
-        if views is None:
-            raise ValueError("rollout-time detection needs data.removing_view.")
-        selector = dataclasses.replace(self.token_selector, gate_advantages=False)
-        masks = []
         was_training = self.policy.training
         self.policy.eval()
         try:
-            for index in self._micro_batches(
-                torch.arange(rollout.num_responses, device=self.device)
-            ):
-                ids, mask = rollout.response_ids[index], rollout.response_mask[index]
-                prompt_index = rollout.prompt_index[index]
-                entropy = token_entropy(
-                    response_logits(self.policy, rollout.prompts, prompt_index, ids, mask),
-                    self.temperature,
-                )
-                entropy_neg = token_entropy(
-                    response_logits(
-                        self.policy,
-                        rollout.prompts,
-                        prompt_index,
-                        ids,
-                        mask,
-                        pixel_values=views.pixel_values("removing"),
-                    ),
-                    self.temperature,
-                )
-                masks.append(selector(entropy, entropy_neg, mask))
+            mask = detect_tokens(
+                self.policy,
+                rollout,
+                dataclasses.replace(self.token_selector, gate_advantages=False),
+                self.temperature,
+                self._micro_batches(torch.arange(rollout.num_responses, device=self.device)),
+            )
         finally:
             self.policy.train(was_training)
-        return dataclasses.replace(rollout, perception_mask=torch.cat(masks))
+        return dataclasses.replace(rollout, perception_mask=mask)
 
     @property
     def pending_rollout(self) -> RolloutBatch | None:
@@ -625,21 +555,3 @@ class CPPOModule(LightningModule):
             policy = copy.deepcopy(policy).merge_and_unload()  # type: ignore[operator]
         policy.save_pretrained(directory)  # type: ignore[operator]
         self.processor.save_pretrained(directory)
-
-
-def rollout_metrics(rollout: RolloutBatch) -> dict[str, float]:
-    """Scalars that describe a rollout batch (rewards, lengths, degenerate groups)."""
-    rewards = rollout.rewards.float()
-    groups = rewards.view(-1, rollout.group_size)
-    metrics = {
-        "rollout/reward_mean": float(rewards.mean()),
-        "rollout/reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-        "rollout/response_length": float(rollout.response_mask.sum(1).float().mean()),
-        "rollout/zero_variance_groups": float(
-            (groups.max(1).values == groups.min(1).values).float().mean()
-        ),
-        "rollout/seconds": rollout.rollout_seconds,
-    }
-    for name, values in rollout.reward_terms.items():
-        metrics[f"rollout/{name}"] = float(values.float().mean())
-    return metrics

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal, NamedTuple
 
 import torch
@@ -18,7 +18,8 @@ from torch import Tensor
 
 from cppo_lightning.detection import TokenSelector, token_entropy
 from cppo_lightning.losses import aggregate, contrastive_perception_loss, implicit_perception_loss
-from cppo_lightning.policy import token_logps
+from cppo_lightning.policy import response_logits, token_logps
+from cppo_lightning.records import RolloutBatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,53 @@ class MicroBatch:
     perception_mask: Tensor | None = None
     loss_agg: str = "token-mean"
     agg_constant: float | None = None
+
+
+def micro_batch(
+    policy: torch.nn.Module,
+    rollout: RolloutBatch,
+    index: Tensor,
+    logits: Tensor,
+    logp: Tensor,
+    temperature: float,
+    loss_agg: str,
+    agg_constant: float | None,
+) -> MicroBatch:
+    """The :class:`MicroBatch` of responses ``index`` of ``rollout``, whose original-image
+    ``logits`` and ``logp`` the policy loss has just computed."""
+    views = rollout.prompts.views
+    if views is None:
+        raise ValueError(
+            "this batch carries no image views, which model.perception_loss needs: set "
+            "data.preserving_view / data.removing_view (configs/base.yaml has them)."
+        )
+    assert rollout.advantages is not None
+
+    def view_logits(view: str, rows: Tensor) -> Tensor:
+        picked = index[rows]
+        return response_logits(
+            policy,
+            rollout.prompts,
+            rollout.prompt_index[picked],
+            rollout.response_ids[picked],
+            rollout.response_mask[picked],
+            pixel_values=views.pixel_values(view),
+        )
+
+    return MicroBatch(
+        logits=logits,
+        logp=logp,
+        response_ids=rollout.response_ids[index],
+        response_mask=rollout.response_mask[index],
+        advantages=rollout.advantages[index],
+        temperature=temperature,
+        view_logits=view_logits,
+        perception_mask=(
+            rollout.perception_mask[index] if rollout.perception_mask is not None else None
+        ),
+        loss_agg=loss_agg,
+        agg_constant=agg_constant,
+    )
 
 
 class PerceptionTerm(NamedTuple):
@@ -269,3 +317,40 @@ class ImplicitPerception(PerceptionObjective):
             "masked_entropy": masked_entropy.detach(),
         }
         return PerceptionTerm(loss, stats, None)
+
+
+@torch.no_grad()
+def detect_tokens(
+    policy: torch.nn.Module,
+    rollout: RolloutBatch,
+    selector: TokenSelector,
+    temperature: float,
+    chunks: Iterable[Tensor],
+) -> Tensor:
+    """``[N, L]`` perception tokens of a rollout batch under ``policy`` (rollout-time detection).
+
+    Entropies under the original and the information-removing image are computed chunk by
+    chunk (``chunks`` partition ``arange(N)``), so full-vocabulary logits exist for one view of
+    one chunk at a time.
+    """
+    views = rollout.prompts.views
+    if views is None:
+        raise ValueError("rollout-time detection needs data.removing_view.")
+    masks = []
+    for index in chunks:
+        ids, mask = rollout.response_ids[index], rollout.response_mask[index]  # [n, L]
+        prompt_index = rollout.prompt_index[index]
+        entropy = token_entropy(
+            response_logits(policy, rollout.prompts, prompt_index, ids, mask), temperature
+        )  # [n, L]
+        logits_neg = response_logits(
+            policy,
+            rollout.prompts,
+            prompt_index,
+            ids,
+            mask,
+            pixel_values=views.pixel_values("removing"),
+        )
+        entropy_neg = token_entropy(logits_neg, temperature)  # [n, L]
+        masks.append(selector(entropy, entropy_neg, mask))
+    return torch.cat(masks)

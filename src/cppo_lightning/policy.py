@@ -7,6 +7,7 @@ Qwen2.5-VL-7B take the same path. ``builtin:NAME`` names a model shipped in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from importlib import resources
 from pathlib import Path
@@ -211,3 +212,22 @@ def token_logps(
     logits = logits.float() / temperature  # [n, L, V]
     picked = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)  # [n, L]
     return picked - torch.logsumexp(logits, dim=-1)  # [n, L]
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    """LoRA adapters through peft; the frozen reference is then the base model with adapters off.
+
+    Args:
+        r: Rank of the adapters.
+        alpha: Scaling numerator (the update is scaled by alpha / r).
+        dropout: Dropout on the adapter input.
+        target_modules: Module names to adapt (q_proj/v_proj reach the language model only).
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )

@@ -157,3 +157,21 @@ def collect_rollouts(
         group_size=group_size,
         rollout_seconds=time.perf_counter() - start,
     )
+
+
+def rollout_metrics(rollout: RolloutBatch) -> dict[str, float]:
+    """Scalars that describe a rollout batch (rewards, lengths, degenerate groups)."""
+    rewards = rollout.rewards.float()
+    groups = rewards.view(-1, rollout.group_size)
+    metrics = {
+        "rollout/reward_mean": float(rewards.mean()),
+        "rollout/reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "rollout/response_length": float(rollout.response_mask.sum(1).float().mean()),
+        "rollout/zero_variance_groups": float(
+            (groups.max(1).values == groups.min(1).values).float().mean()
+        ),
+        "rollout/seconds": rollout.rollout_seconds,
+    }
+    for name, values in rollout.reward_terms.items():
+        metrics[f"rollout/{name}"] = float(values.float().mean())
+    return metrics
