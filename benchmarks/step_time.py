@@ -143,8 +143,8 @@ def main() -> None:
     device = runs[args.methods[0]][0]["device"]
     print(f"device: {device}   {args.rounds} rounds x {args.steps} steps per method (interleaved)")
     print(
-        f"{'method':<6} {'rollout s':>10} {'update s':>9} {'step s':>7} {'x GRPO':>7} "
-        f"{'update x':>9} {'peak GiB':>9} {'selected':>9} {'gated':>6}"
+        f"{'method':<6} {'rollout s':>10} {'views s':>8} {'update s':>9} {'step s':>7} "
+        f"{'x GRPO':>7} {'update x':>9} {'peak GiB':>9} {'selected':>9} {'gated':>6}"
     )
 
     def step(method: str) -> float:

@@ -119,6 +119,7 @@ class PerceptionMonitor(pl.Callback):
                 pl_module.log_dict(
                     {"perception/precision": precision, "perception/base_rate": base_rate},
                     batch_size=rollout.num_responses,
+                    sync_dist=True,
                 )
         if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
             for logger in trainer.loggers:
