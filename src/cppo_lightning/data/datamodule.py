@@ -192,6 +192,7 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         self.view_seed = view_seed
         self.splits: dict[str, datasets.Dataset] = {}
         self.collate: PromptCollator | None = None
+        self.val_collate: PromptCollator | None = None
         self.view_maker: ViewMaker | None = None
 
     @property
@@ -221,6 +222,8 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         self.collate = PromptCollator(
             processor, self.instruction, self.image_column, keep_images=self.view_maker.enabled
         )
+        # Held-out batches never get views: no need to carry their images as tensors.
+        self.val_collate = PromptCollator(processor, self.instruction, self.image_column)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)
@@ -249,7 +252,7 @@ class VisionLanguageDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             # Full batches only in training, so mini-batch splits and group statistics are stable.
             drop_last=shuffle,
-            collate_fn=self.collate,
+            collate_fn=self.collate if shuffle else self.val_collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
