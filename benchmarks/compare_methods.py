@@ -123,17 +123,27 @@ def main() -> None:
         print("matplotlib is not installed: no plots (pip install -e .[dev])", file=sys.stderr)
         return
     args.img.mkdir(parents=True, exist_ok=True)
+
+    def save(fig, ax, ylabel: str, title: str, name: str) -> None:  # type: ignore[no-untyped-def]
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.img / name, dpi=120)
+        print(f"wrote {args.img / name}")
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for (method, seed), curve in curves.items():
         ax.plot(*zip(*curve, strict=True), marker="o", label=f"{method} (seed {seed})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("val/accuracy (avg@4, T=1)")
-    ax.set_title("Embedded tiny Qwen2.5-VL, synthetic shapes")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.img / "methods.png", dpi=120)
-    print(f"wrote {args.img / 'methods.png'}")
+    save(
+        fig,
+        ax,
+        "val/accuracy (avg@4, T=1)",
+        "Embedded tiny Qwen2.5-VL, synthetic shapes",
+        "methods.png",
+    )
     if detection:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for number, (seed, (precision, base)) in enumerate(detection.items()):
@@ -147,14 +157,13 @@ def main() -> None:
                     statistics.mean(values[max(0, i - 9) : i + 1]) for i in range(len(values))
                 ]
                 ax.plot(steps_, smooth, style, color=color, label=f"{label} (seed {seed})")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("share of tokens in a perception word")
-        ax.set_title("CPPO: perception-word share, running mean of 10 logged points")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.img / "detection.png", dpi=120)
-        print(f"wrote {args.img / 'detection.png'}")
+        save(
+            fig,
+            ax,
+            "share of tokens in a perception word",
+            "CPPO: perception-word share, running mean of 10 logged points",
+            "detection.png",
+        )
 
 
 if __name__ == "__main__":

@@ -128,18 +128,17 @@ class CPLWeight(pl.Callback):
             shape = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.final_value + (self.value - self.final_value) * shape
 
-    def _total(self, trainer: pl.Trainer) -> int | None:
-        return trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        _cppo_module(pl_module, "CPLWeight").set_cpl_weight(self.weight(self.step, total))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        module = _cppo_module(pl_module, "CPLWeight")
-        module.set_cpl_weight(self.weight(self.step, self._total(trainer)))
+        self._apply(trainer, pl_module)  # set before the module checks its set-up
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        module = _cppo_module(pl_module, "CPLWeight")
-        module.set_cpl_weight(self.weight(self.step, self._total(trainer)))
+        self._apply(trainer, pl_module)
 
     def on_train_batch_end(
         self,
