@@ -39,7 +39,7 @@ def image_kl(model: torch.nn.Module, processor, rows: list[dict], black: list[di
     index = torch.arange(len(rows))
     logp = torch.log_softmax(response_logits(model, real, index, ids, mask).float(), -1)
     logq = torch.log_softmax(
-        response_logits(model, real, index, ids, mask, pixel_values=dark.pixel_values).float(), -1
+        response_logits(model, real, index, ids, mask, vision=dark.vision).float(), -1
     )
     kl = (logp.exp() * (logp - logq)).sum(-1)  # [N, L]
     return float(kl[mask.bool()].mean())

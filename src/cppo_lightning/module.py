@@ -8,6 +8,7 @@ One training step = one rollout batch of B prompts x G responses (collected by
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -26,8 +27,10 @@ from cppo_lightning.perception import PerceptionObjective, detect_tokens, micro_
 from cppo_lightning.policy import (
     DEFAULT_MODEL,
     LoraSettings,
+    apply_lora,
     load_policy,
     load_processor,
+    model_family,
     response_logits,
     suppressed_token_ids,
     token_logps,
@@ -35,6 +38,27 @@ from cppo_lightning.policy import (
 from cppo_lightning.records import PromptBatch, RolloutBatch, UpdateRecord
 from cppo_lightning.rewards import WeightedReward
 from cppo_lightning.rollout import Sampling, collect_rollouts, rollout_metrics
+
+
+def _is_fsdp(module: Any) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(module, FullyShardedDataParallel)
+
+
+@contextlib.contextmanager
+def _full_parameters(module: Any) -> Iterator[None]:
+    """Under FSDP, gather the root's own (unwrapped) parameters for ``generate``, which does not
+    go through the root's forward; nested FSDP units gather theirs as they run."""
+    if not _is_fsdp(module):
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(module, writeback=False, recurse=False):
+        yield
 
 
 class CPPOModule(LightningModule):
@@ -47,6 +71,9 @@ class CPPOModule(LightningModule):
         dtype: Weight dtype of policy and reference (float32, bfloat16, float16).
         attn_implementation: transformers attention backend (``sdpa``, ``eager``,
             ``flash_attention_2``); the model's default when None.
+        freeze_vision_tower: Keep the vision encoder fixed (with LoRA: no adapters in it).
+        freeze_projector: Keep the vision-to-text projector fixed.
+        activation_checkpointing: Recompute activations in the backward pass (saves memory).
         lora: LoRA settings; None trains all weights against a frozen deep copy.
         reward: Reward terms and weights; the paper's 0.9 accuracy + 0.1 format when None.
         perception_loss: Auxiliary loss on image views: :class:`ContrastivePerception` (CPPO),
@@ -83,6 +110,9 @@ class CPPOModule(LightningModule):
         model_name_or_path: str = DEFAULT_MODEL,
         dtype: str = "float32",
         attn_implementation: str | None = None,
+        freeze_vision_tower: bool = False,
+        freeze_projector: bool = False,
+        activation_checkpointing: bool = False,
         lora: LoraSettings | None = None,
         reward: WeightedReward | None = None,
         perception_loss: PerceptionObjective | None = None,
@@ -124,6 +154,9 @@ class CPPOModule(LightningModule):
         self.model_name_or_path = model_name_or_path
         self.dtype_name = dtype
         self.attn_implementation = attn_implementation
+        self.freeze_vision_tower = freeze_vision_tower
+        self.freeze_projector = freeze_projector
+        self.activation_checkpointing = activation_checkpointing
         self.lora = lora
         self.reward = reward if reward is not None else WeightedReward()
         self.perception_loss = perception_loss
@@ -167,17 +200,22 @@ class CPPOModule(LightningModule):
         if self.policy is not None:
             return
         self.processor = load_processor(self.model_name_or_path)
-        policy = load_policy(self.model_name_or_path, self.dtype_name, self.attn_implementation)
+        policy = load_policy(
+            self.model_name_or_path,
+            self.dtype_name,
+            self.attn_implementation,
+            freeze_vision_tower=self.freeze_vision_tower and self.lora is None,
+            freeze_projector=self.freeze_projector and self.lora is None,
+            activation_checkpointing=self.activation_checkpointing,
+        )
         if self.lora is not None:
-            from peft import LoraConfig, get_peft_model
-
-            config = LoraConfig(
-                r=self.lora.r,
-                lora_alpha=self.lora.alpha,
-                lora_dropout=self.lora.dropout,
-                target_modules=list(self.lora.target_modules),
+            frozen = model_family(self.model_name_or_path)
+            self.policy = apply_lora(
+                policy,
+                self.lora,
+                exclude=(frozen.vision_tower if self.freeze_vision_tower else ())
+                + (frozen.projector if self.freeze_projector else ()),
             )
-            self.policy = get_peft_model(policy, config)
         else:
             self.policy = policy
             if self.kl_coef > 0:  # without the KL term no reference is needed: save the copy
@@ -278,17 +316,21 @@ class CPPOModule(LightningModule):
         was_training = self.policy.training
         self.policy.eval()
         try:
-            return collect_rollouts(
-                self.policy,
-                self.processor,
-                prompts,
-                self.reward,
-                sampling,
-                group_size=self.group_size,
-                suppress_token_ids=self.suppress_token_ids,
-            )
+            with self._generation_context():
+                return collect_rollouts(
+                    self.policy,
+                    self.processor,
+                    prompts,
+                    self.reward,
+                    sampling,
+                    group_size=self.group_size,
+                    suppress_token_ids=self.suppress_token_ids,
+                )
         finally:
             self.policy.train(was_training)
+
+    def _generation_context(self) -> contextlib.AbstractContextManager[None]:
+        return _full_parameters(self.trainer.strategy.model if self._trainer is not None else None)
 
     def set_rollout(self, rollout: RolloutBatch) -> None:
         """Hand over the rollout batch that the next ``training_step`` learns from."""
@@ -343,13 +385,8 @@ class CPPOModule(LightningModule):
         )
 
     def _mini_batches(self, rollout: RolloutBatch) -> list[torch.Tensor]:
-        prompts = rollout.prompts.num_prompts
-        size = self.mini_batch_size or prompts
-        if prompts % size:
-            raise ValueError(
-                f"the rollout batch has {prompts} prompts, not a multiple of "
-                f"model.mini_batch_size={size}: make data.batch_size a multiple of it."
-            )
+        # A batch that lost rows to unreadable images may leave a smaller last mini-batch.
+        size = self.mini_batch_size or rollout.prompts.num_prompts
         index = torch.arange(rollout.num_responses, device=self.device)
         return list(index.split(size * rollout.group_size))
 
@@ -478,6 +515,11 @@ class CPPOModule(LightningModule):
         self.last_update = UpdateRecord(rollout, torch.cat(masks) if masks else None)
 
     def _clip_gradients(self) -> float:
+        wrapped = self.trainer.strategy.model if self._trainer is not None else None
+        if _is_fsdp(wrapped):
+            # Sharded gradients: only FSDP's own clip sees the global norm.
+            limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+            return float(wrapped.clip_grad_norm_(limit))  # type: ignore[union-attr,operator]
         params = [p for p in self.trainable_parameters() if p.grad is not None]
         if self.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
@@ -494,15 +536,16 @@ class CPPOModule(LightningModule):
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         assert self.policy is not None
-        rollout = collect_rollouts(
-            self.policy,
-            self.processor,
-            batch,
-            self.reward,
-            Sampling(self.max_new_tokens, self.val_temperature),
-            group_size=self.val_samples,
-            suppress_token_ids=self.suppress_token_ids,
-        )
+        with self._generation_context():
+            rollout = collect_rollouts(
+                self.policy,
+                self.processor,
+                batch,
+                self.reward,
+                Sampling(self.max_new_tokens, self.val_temperature),
+                group_size=self.val_samples,
+                suppress_token_ids=self.suppress_token_ids,
+            )
         self.val_accuracy.update(rollout.reward_terms.get("accuracy", rollout.rewards))
         self.val_reward.update(rollout.rewards)
         self.val_response_length.update(rollout.response_mask.sum(1).float())

@@ -83,7 +83,7 @@ def micro_batch(
             rollout.prompt_index[picked],
             rollout.response_ids[picked],
             rollout.response_mask[picked],
-            pixel_values=views.pixel_values(view),
+            vision=views.vision(view),
         )
 
     return MicroBatch(
@@ -349,7 +349,7 @@ def detect_tokens(
             prompt_index,
             ids,
             mask,
-            pixel_values=views.pixel_values("removing"),
+            vision=views.vision("removing"),
         )
         entropy_neg = token_entropy(logits_neg, temperature)  # [n, L]
         masks.append(selector(entropy, entropy_neg, mask))

@@ -8,21 +8,37 @@ Qwen2.5-VL-7B take the same path. ``builtin:NAME`` names a model shipped in
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    AutoModelForImageTextToText,
-    PreTrainedModel,
-    ProcessorMixin,
-    Qwen2_5_VLProcessor,
-    Qwen2VLProcessor,
-)
+from transformers import AutoModelForImageTextToText, PreTrainedModel, ProcessorMixin
 
+from cppo_lightning.families import (
+    Family,
+    Qwen2_5_VLImageProcessor,
+    Qwen2VLImageProcessor,
+    Qwen3VLImageProcessor,
+    family_for,
+    read_model_type,
+    resolve_modules,
+)
 from cppo_lightning.records import PromptBatch
+
+__all__ = [
+    "Qwen2VLImageProcessor",
+    "Qwen2_5_VLImageProcessor",
+    "Qwen3VLImageProcessor",
+    "apply_lora",
+    "load_policy",
+    "load_processor",
+    "model_family",
+    "response_logits",
+    "token_logps",
+]
 
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_MODEL = "builtin:tiny-qwen2.5-vl"
@@ -37,28 +53,11 @@ VISION_TOKENS = (
     "<|vision_pad|>",
     "<image>",
     "<video>",
+    "<fake_token_around_image>",  # Idefics3/SmolVLM image framing
+    "<global-img>",
 )
-
-
-class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL processor for images only: the stock one demands a video processor, which
-    needs torchvision (not a dependency of this project)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):  # type: ignore[no-untyped-def]
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-class Qwen2VLImageProcessor(Qwen2VLProcessor):
-    """Qwen2-VL processor for images only (see :class:`Qwen2_5_VLImageProcessor`)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):  # type: ignore[no-untyped-def]
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-_IMAGE_ONLY_PROCESSORS: dict[str, type[ProcessorMixin]] = {
-    "qwen2_5_vl": Qwen2_5_VLImageProcessor,
-    "qwen2_vl": Qwen2VLImageProcessor,
-}
+# Idefics3's tile markers <row_i_col_j>.
+_TILE_TOKEN = re.compile(r"<row_\d+_col_\d+>")
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -80,11 +79,11 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(path)
 
 
-def _model_type(path: str) -> str | None:
-    config = Path(path) / "config.json"
-    if config.is_file():
-        return json.loads(config.read_text()).get("model_type")
-    return None
+def model_family(name_or_path: str) -> Family:
+    """The :class:`~cppo_lightning.families.Family` of a checkpoint; a clear error for a model
+    type this package does not support."""
+    path = resolve_model_path(name_or_path)
+    return family_for(read_model_type(path), source=repr(name_or_path))
 
 
 def load_processor(name_or_path: str) -> ProcessorMixin:
@@ -93,9 +92,9 @@ def load_processor(name_or_path: str) -> ProcessorMixin:
     Qwen-VL processors are rebuilt image-only, so that no video processor (torchvision) is needed.
     """
     path = resolve_model_path(name_or_path)
-    model_type = _model_type(path)
-    if model_type in _IMAGE_ONLY_PROCESSORS:
-        processor = _IMAGE_ONLY_PROCESSORS[model_type].from_pretrained(path)
+    family = model_family(name_or_path)
+    if family.processor_class is not None:
+        processor = family.processor_class.from_pretrained(path)
     else:
         from transformers import AutoProcessor
 
@@ -115,16 +114,44 @@ def load_processor(name_or_path: str) -> ProcessorMixin:
 
 
 def load_policy(
-    name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None
+    name_or_path: str,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    *,
+    freeze_vision_tower: bool = False,
+    freeze_projector: bool = False,
+    activation_checkpointing: bool = False,
 ) -> PreTrainedModel:
-    """Load a vision-language model for training, through ``AutoModelForImageTextToText``."""
+    """Load a vision-language model for training, through ``AutoModelForImageTextToText``.
+
+    Args:
+        name_or_path: Hub name, local path or ``builtin:NAME``.
+        dtype: Weight dtype (float32, bfloat16, float16).
+        attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``...; the model's default
+            when None.
+        freeze_vision_tower: Keep the vision encoder's weights fixed (requires_grad off).
+        freeze_projector: Keep the vision-to-text projector's weights fixed.
+        activation_checkpointing: Recompute activations in the backward pass (less memory,
+            about a third more compute).
+    """
     if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
         raise ValueError(f"dtype {dtype!r} is not a torch dtype: use float32, bfloat16 or float16.")
+    family = model_family(name_or_path)  # an unsupported family fails here, before any download
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(resolve_model_path(name_or_path), **kwargs)
     model.config.use_cache = False  # training forwards; generate turns the cache on itself
+    frozen = (family.vision_tower if freeze_vision_tower else ()) + (
+        family.projector if freeze_projector else ()
+    )
+    if frozen:
+        for module in resolve_modules(model, frozen):
+            module.requires_grad_(False)
+    if activation_checkpointing:
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     return model
 
 
@@ -132,22 +159,9 @@ def suppressed_token_ids(processor: ProcessorMixin) -> list[int]:
     """Ids of the vision special tokens of this tokenizer, to suppress in every ``generate``."""
     tokenizer = processor.tokenizer  # type: ignore[attr-defined]
     vocab = tokenizer.get_vocab()
-    return sorted({vocab[t] for t in VISION_TOKENS if t in vocab})
-
-
-def select_images(
-    pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, index: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick images ``index`` (with repeats) out of a processor's flattened patch tensor.
-
-    Shape:
-        pixel_values: ``[sum_b t_b*h_b*w_b, D]``; image_grid_thw: ``[B, 3]``; index: ``[n]``.
-        Returns ``[sum over index of patches, D]`` and ``[n, 3]``.
-    """
-    counts = image_grid_thw.prod(dim=-1)  # [B] patches per image
-    starts = torch.cumsum(counts, 0) - counts
-    pieces = [pixel_values[starts[i] : starts[i] + counts[i]] for i in index.tolist()]
-    return torch.cat(pieces, dim=0), image_grid_thw[index]
+    ids = {vocab[t] for t in VISION_TOKENS if t in vocab}
+    ids |= {i for t, i in vocab.items() if _TILE_TOKEN.fullmatch(t)}
+    return sorted(ids)
 
 
 def response_logits(
@@ -156,7 +170,7 @@ def response_logits(
     prompt_index: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
-    pixel_values: torch.Tensor | None = None,
+    vision: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Teacher-forced logits that predict each response token.
 
@@ -166,17 +180,12 @@ def response_logits(
         prompt_index: ``[n]`` the prompt of each of the n responses scored here.
         response_ids: ``[n, L]`` response tokens.
         response_mask: ``[n, L]``.
-        pixel_values: Replacement patches for the B images (another view of the same images,
-            same grid); the prompts' own when None.
+        vision: Replacement image tensors for the B prompts (another view of the same images,
+            same shapes, e.g. ``ImageViews.vision_neg``); the prompts' own when None.
 
     Returns:
         ``[n, L, V]`` logits; position j predicts ``response_ids[:, j]``.
     """
-    pixels, grid = select_images(
-        prompts.pixel_values if pixel_values is None else pixel_values,
-        prompts.image_grid_thw,
-        prompt_index,
-    )
     length = response_ids.shape[1]
     inputs: dict[str, Any] = {
         "input_ids": torch.cat([prompts.input_ids[prompt_index], response_ids], dim=1),
@@ -184,8 +193,7 @@ def response_logits(
             [prompts.attention_mask[prompt_index], response_mask.to(prompts.attention_mask.dtype)],
             dim=1,
         ),
-        "pixel_values": pixels,
-        "image_grid_thw": grid,
+        **prompts.select_vision(prompt_index, vision),
         # Only the last L + 1 positions predict response tokens: skip the rest of the LM head.
         "logits_to_keep": length + 1,
         "use_cache": False,
@@ -231,3 +239,25 @@ class LoraSettings:
     target_modules: list[str] = dataclasses.field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
+    exclude_modules: list[str] | None = None
+    """Module-name patterns (regular expressions) that get no adapter."""
+
+
+def apply_lora(
+    model: PreTrainedModel, settings: LoraSettings, exclude: Sequence[str] = ()
+) -> torch.nn.Module:
+    """Wrap ``model`` with peft LoRA adapters; modules under the ``exclude`` attribute paths
+    (e.g. a frozen vision tower) get none. The base weights are frozen by peft."""
+    from peft import LoraConfig, get_peft_model
+
+    patterns = list(settings.exclude_modules or []) + [
+        re.escape(path) + r"(\..*)?" for path in exclude
+    ]
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        exclude_modules="|".join(f"(?:{p})" for p in patterns) if patterns else None,
+    )
+    return get_peft_model(model, config)

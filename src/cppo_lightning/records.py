@@ -1,7 +1,7 @@
 """Typed records handed between the stages of a training step.
 
 Shape letters: B prompts, G responses per prompt (the GRPO group), N = B * G responses,
-P prompt tokens (left-padded), L response tokens (right-padded), D flattened patch size.
+P prompt tokens (left-padded), L response tokens (right-padded).
 """
 
 from __future__ import annotations
@@ -13,27 +13,30 @@ import torch
 
 
 class ImageViews(NamedTuple):
-    """The perturbed views of the B images of a prompt batch (spec: I+ and I-).
+    """The perturbed views of the images of a prompt batch (spec: I+ and I-).
 
     Drawn once per prompt and epoch, so the G rollouts of a prompt share them. Each view keeps
-    its image's H x W, so its patches have the same grid and the prompt ``input_ids`` are reused;
-    only ``pixel_values`` change. A field is None when that view is not configured.
+    its image's H x W, so the processor gives the same number of image tokens and the prompt
+    ``input_ids`` are reused; only the image tensors change. A field is None when that view is
+    not configured.
 
     Attributes:
-        preserving: B information-preserving images ``[3, H_b, W_b]`` in [0, 1] (I+).
-        removing: B information-removing images ``[3, H_b, W_b]`` in [0, 1] (I-).
-        pixel_values_pos: ``[sum of patches, D]`` the processor's patches of ``preserving``.
-        pixel_values_neg: ``[sum of patches, D]`` the processor's patches of ``removing``.
+        preserving: The information-preserving images ``[3, H_i, W_i]`` in [0, 1] (I+), one per
+            image of the batch (``PromptBatch.images`` order).
+        removing: The information-removing images (I-), likewise.
+        vision_pos: The processor's image tensors of ``preserving`` (same keys and shapes as
+            ``PromptBatch.vision``).
+        vision_neg: The processor's image tensors of ``removing``.
     """
 
     preserving: list[torch.Tensor] | None
     removing: list[torch.Tensor] | None
-    pixel_values_pos: torch.Tensor | None
-    pixel_values_neg: torch.Tensor | None
+    vision_pos: dict[str, torch.Tensor] | None
+    vision_neg: dict[str, torch.Tensor] | None
 
-    def pixel_values(self, view: str) -> torch.Tensor:
-        """Patches of ``view`` (``"preserving"`` or ``"removing"``)."""
-        values = {"preserving": self.pixel_values_pos, "removing": self.pixel_values_neg}[view]
+    def vision(self, view: str) -> dict[str, torch.Tensor]:
+        """Image tensors of ``view`` (``"preserving"`` or ``"removing"``)."""
+        values = {"preserving": self.vision_pos, "removing": self.vision_neg}[view]
         if values is None:
             raise ValueError(
                 f"the batch has no {view} view: set data.{view}_view (see configs/base.yaml)."
@@ -44,24 +47,32 @@ class ImageViews(NamedTuple):
 class PromptBatch(NamedTuple):
     """B prompts with their images, as the DataModule collates them.
 
-    A NamedTuple so that Lightning moves it to the device as it is.
+    A NamedTuple so that Lightning moves it to the device as it is. The image tensors are the
+    processor's, whatever the model family (see :mod:`cppo_lightning.families`); use
+    :meth:`select_vision` to pick the images of some prompts.
 
     Attributes:
         input_ids: ``[B, P]`` prompt tokens, left-padded, image placeholders expanded.
         attention_mask: ``[B, P]`` 1 on real tokens.
-        pixel_values: ``[sum of patches of the B images, D]`` the processor's flattened patches.
-        image_grid_thw: ``[B, 3]`` patch grid (t, h, w) of each image.
+        vision: The processor's image tensors (Qwen-VL: ``pixel_values`` ``[patches, D]`` and
+            ``image_grid_thw`` ``[images, 3]``; LLaVA: ``pixel_values`` ``[images, 3, H, W]``;
+            Idefics3: ``pixel_values`` and ``pixel_attention_mask`` with one row per prompt).
+        vision_layout: Key of ``vision`` -> what its first dimension counts (``prompt``,
+            ``image`` or ``patch``).
+        image_counts: ``[B]`` images of each prompt.
         mm_token_type_ids: ``[B, P]`` 1 on image tokens (Qwen-VL M-RoPE needs it) or None.
         columns: Dataset column name -> B values (answers, questions, ...), for rewards and logs.
         row_index: ``[B]`` row of each prompt in its dataset split (seeds its views).
-        images: B original images ``[3, H_b, W_b]`` in [0, 1], kept when views are configured.
+        images: The batch's images ``[3, H_i, W_i]`` in [0, 1], prompt by prompt, kept when views
+            are configured.
         views: The perturbed views, added on the batch's device before training steps.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    pixel_values: torch.Tensor
-    image_grid_thw: torch.Tensor
+    vision: dict[str, torch.Tensor]
+    vision_layout: dict[str, str]
+    image_counts: torch.Tensor
     mm_token_type_ids: torch.Tensor | None
     columns: dict[str, list[Any]]
     row_index: torch.Tensor | None = None
@@ -71,6 +82,24 @@ class PromptBatch(NamedTuple):
     @property
     def num_prompts(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def select_vision(
+        self, index: torch.Tensor, vision: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Image tensors of prompts ``index`` (repeats allowed): of the originals, or of
+        ``vision`` (a view's tensors, same layout) when given."""
+        from cppo_lightning.families import select_vision
+
+        return select_vision(
+            self.vision if vision is None else vision,
+            self.vision_layout,  # type: ignore[arg-type]
+            self.image_counts,
+            index,
+        )
+
+    def first_image(self, prompt: int) -> int:
+        """Position in ``images`` of the first image of ``prompt``."""
+        return int(self.image_counts[:prompt].sum())
 
 
 @dataclasses.dataclass(frozen=True)

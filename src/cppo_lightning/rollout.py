@@ -79,8 +79,7 @@ def generate_responses(
     inputs: dict[str, Any] = {
         "input_ids": prompts.input_ids,
         "attention_mask": prompts.attention_mask,
-        "pixel_values": prompts.pixel_values,
-        "image_grid_thw": prompts.image_grid_thw,
+        **prompts.vision,
     }
     if prompts.mm_token_type_ids is not None:
         inputs["mm_token_type_ids"] = prompts.mm_token_type_ids

@@ -172,8 +172,7 @@ def supervised_warm_start(
         inputs = {
             "input_ids": torch.cat([prompts.input_ids, response_ids], 1),
             "attention_mask": torch.cat([prompts.attention_mask, response_mask], 1),
-            "pixel_values": prompts.pixel_values,
-            "image_grid_thw": prompts.image_grid_thw,
+            **prompts.vision,
             "mm_token_type_ids": torch.cat(
                 [cast(torch.Tensor, prompts.mm_token_type_ids), torch.zeros_like(response_ids)], 1
             ),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cppo_lightning.data.datamodule import PromptCollator
-from cppo_lightning.policy import response_logits, select_images, suppressed_token_ids, token_logps
+from cppo_lightning.policy import response_logits, suppressed_token_ids, token_logps
 from cppo_lightning.rollout import Sampling, generate_responses, response_mask_from_ids
 
 
@@ -18,8 +18,7 @@ def test_forward_logps_match_generate(tiny_policy, shapes_rows):
     inputs = {
         "input_ids": prompts.input_ids,
         "attention_mask": prompts.attention_mask,
-        "pixel_values": prompts.pixel_values,
-        "image_grid_thw": prompts.image_grid_thw,
+        **prompts.vision,
         "mm_token_type_ids": prompts.mm_token_type_ids,
     }
     out = model.generate(
@@ -54,15 +53,6 @@ def test_response_mask_stops_after_first_eos():
     ids = torch.tensor([[5, 6, 2, 7, 2], [5, 5, 5, 5, 5], [2, 9, 9, 9, 9]])
     mask = response_mask_from_ids(ids, [2])
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
-
-
-def test_select_images_repeats_and_reorders_patches():
-    # Two images of 2 and 3 patches, patch values = image number.
-    grid = torch.tensor([[1, 1, 2], [1, 1, 3]])
-    pixels = torch.tensor([[0.0], [0.0], [1.0], [1.0], [1.0]])
-    picked, picked_grid = select_images(pixels, grid, torch.tensor([1, 0, 0]))
-    assert picked.squeeze(1).tolist() == [1, 1, 1, 0, 0, 0, 0]
-    assert picked_grid.tolist() == [[1, 1, 3], [1, 1, 2], [1, 1, 2]]
 
 
 def test_generate_suppresses_vision_tokens(tiny_policy, shapes_rows):

@@ -64,11 +64,13 @@ def test_one_mini_batch_skips_the_old_logp_pass(tiny_model_dir, shapes_rows):
     assert rollout.old_logp is None and rollout.ref_logp is None
 
 
-def test_mini_batch_must_divide_the_rollout_batch(tiny_model_dir, shapes_rows):
+def test_a_batch_that_lost_a_row_keeps_a_smaller_last_mini_batch(tiny_model_dir, shapes_rows):
+    # data.batch_size must be a multiple of mini_batch_size (checked at fit start); a batch
+    # that lost a row to an unreadable image still trains, with a smaller last mini-batch.
     module = _module(tiny_model_dir, mini_batch_size=2)
     rollout = _rollout(module, shapes_rows[:3])
-    with pytest.raises(ValueError, match=r"make data\.batch_size a multiple of it"):
-        module._mini_batches(rollout)
+    sizes = [len(m) for m in module._mini_batches(rollout)]
+    assert sizes == [2 * rollout.group_size, rollout.group_size]
 
 
 def test_checkpoint_keeps_only_trainable_weights(tiny_model_dir):

@@ -56,9 +56,11 @@ def test_views_reuse_the_prompt_and_the_grid(tiny_model_dir):
     views = batch.views
     assert views is not None and len(views.preserving) == len(views.removing) == 4
     # An identity view is patchified exactly like the original.
-    torch.testing.assert_close(views.pixel_values_pos, batch.pixel_values, rtol=0, atol=0)
-    assert views.pixel_values_neg.shape == batch.pixel_values.shape
-    assert not torch.equal(views.pixel_values_neg, batch.pixel_values)
+    original = batch.vision["pixel_values"]
+    torch.testing.assert_close(views.vision_pos["pixel_values"], original, rtol=0, atol=0)
+    assert views.vision_neg["pixel_values"].shape == original.shape
+    assert not torch.equal(views.vision_neg["pixel_values"], original)
+    assert torch.equal(views.vision_neg["image_grid_thw"], batch.vision["image_grid_thw"])
 
 
 def test_views_are_drawn_per_row_and_epoch(tiny_model_dir):
@@ -66,10 +68,11 @@ def test_views_are_drawn_per_row_and_epoch(tiny_model_dir):
     state = torch.get_rng_state()
     first, again = _first_batch(dm), _first_batch(dm)
     assert torch.equal(torch.get_rng_state(), state), "drawing views moved the global RNG"
-    assert torch.equal(first.views.pixel_values_neg, again.views.pixel_values_neg)
+    negative = first.views.vision_neg["pixel_values"]
+    assert torch.equal(negative, again.views.vision_neg["pixel_values"])
     later = _first_batch(dm, epoch=1)
-    assert not torch.equal(first.views.pixel_values_neg, later.views.pixel_values_neg)
-    assert first.views.preserving is None and first.views.pixel_values_pos is None
+    assert not torch.equal(negative, later.views.vision_neg["pixel_values"])
+    assert first.views.preserving is None and first.views.vision_pos is None
 
 
 def test_a_view_that_changes_the_size_is_named(tiny_model_dir):

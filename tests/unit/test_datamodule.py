@@ -6,7 +6,7 @@ import datasets
 import pytest
 
 from cppo_lightning.data import VisionLanguageDataModule
-from cppo_lightning.data.datamodule import PromptCollator, check_rows
+from cppo_lightning.data.datamodule import PromptCollator
 from cppo_lightning.data.synthetic import build_dataset
 
 
@@ -23,28 +23,60 @@ def test_collate_left_pads_and_keeps_columns(tiny_policy, shapes_rows):
     batch = PromptCollator(processor, "Answer.")(shapes_rows[:3])
     assert batch.input_ids.shape == batch.attention_mask.shape == batch.mm_token_type_ids.shape
     assert batch.attention_mask[:, -1].all(), "prompts are left-padded"
-    assert batch.image_grid_thw.tolist() == [[1, 8, 8]] * 3  # 112 px / 14 px patches
-    assert batch.pixel_values.shape[0] == 3 * 64
+    assert batch.vision["image_grid_thw"].tolist() == [[1, 8, 8]] * 3  # 112 px / 14 px patches
+    assert batch.vision["pixel_values"].shape[0] == 3 * 64
+    assert batch.image_counts.tolist() == [1, 1, 1]
     assert batch.columns["answer"] == [r["answer"] for r in shapes_rows[:3]]
     assert "image" not in batch.columns
     # 16 image tokens per prompt after the 2 x 2 merge.
     assert (batch.mm_token_type_ids == 1).sum(1).tolist() == [16, 16, 16]
 
 
-def test_rows_without_image_or_answer_are_named():
-    ds = build_dataset(4, seed=0)
-    no_answer = ds.map(
-        lambda row, i: {"answer": "" if i == 2 else row["answer"]}, with_indices=True
-    )
-    with pytest.raises(ValueError, match="row 2 of the 'train' split has an empty 'answer'"):
-        check_rows(no_answer, "train", "image", ("question", "answer"))
-    rows = ds.to_list()
+def test_unusable_rows_are_dropped_and_counted(tiny_model_dir):
+    ds = build_dataset(6, seed=0)
+    rows = ds.cast_column("image", datasets.Image(decode=False)).to_list()
     rows[1]["image"] = None
-    no_image = datasets.Dataset.from_list(rows, features=ds.features)
-    with pytest.raises(ValueError, match="row 1 of the 'train' split has no image"):
-        check_rows(no_image, "train", "image", ("question", "answer"))
-    with pytest.raises(ValueError, match="no column 'solution_text'"):
-        check_rows(ds, "train", "image", ("question", "solution_text"))
+    rows[2]["answer"] = ""
+    rows[3]["image"] = {"bytes": b"not an image", "path": None}
+    rows[4]["image"] = {"bytes": None, "path": "/no/such/file.png"}
+    features = ds.features.copy()
+    features["image"] = datasets.Image(decode=False)
+    broken = datasets.Dataset.from_list(rows, features=features)
+    module = VisionLanguageDataModule(
+        dataset=InMemory(broken, ds), processor_name_or_path=str(tiny_model_dir), batch_size=1
+    )
+    module.setup("fit")
+    report = module.reports["train"]
+    assert dict(report) == {"no image": 1, "empty answer": 1, "unreadable image": 2}
+    assert report.kept == 2 and len(module.splits["train"]) == 2
+    assert "kept 2 of 6 rows" in report.summary()
+    assert len(list(module.train_dataloader())) == 2  # training goes on with the good rows
+
+
+def test_a_split_with_no_usable_row_says_why(tiny_model_dir):
+    ds = build_dataset(2, seed=0).map(lambda row: {"answer": " "})
+    module = VisionLanguageDataModule(
+        dataset=InMemory(ds, ds), processor_name_or_path=str(tiny_model_dir)
+    )
+    with pytest.raises(ValueError, match=r"every row of the 'train' split was dropped.*2 empty"):
+        module.setup("fit")
+
+
+def test_a_missing_column_is_named(tiny_model_dir):
+    ds = build_dataset(2, seed=0)
+    module = VisionLanguageDataModule(
+        dataset=InMemory(ds, ds),
+        processor_name_or_path=str(tiny_model_dir),
+        answer_column="solution_text",
+    )
+    with pytest.raises(ValueError, match=r"no column\(s\) \['solution_text'\]"):
+        module.setup("fit")
+    unknown = ds.rename_columns({"question": "text_in"})
+    module = VisionLanguageDataModule(
+        dataset=InMemory(unknown, unknown), processor_name_or_path=str(tiny_model_dir)
+    )
+    with pytest.raises(ValueError, match="none of the usual question columns"):
+        module.setup("fit")
 
 
 def test_setup_applies_the_column_mapping(tiny_model_dir):

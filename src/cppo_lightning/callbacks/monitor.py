@@ -134,10 +134,11 @@ class PerceptionMonitor(pl.Callback):
         shown = min(self.num_prompts, prompts.num_prompts)
         if prompts.images is not None and prompts.views is not None:
             for b in range(shown):
-                row = [prompts.images[b]]
+                first = prompts.first_image(b)  # the prompt's first image if it has several
+                row = [prompts.images[first]]
                 for view in (prompts.views.preserving, prompts.views.removing):
                     if view is not None:
-                        row.append(view[b])
+                        row.append(view[first])
                 panel = torch.cat([image.detach().float().cpu() for image in row], dim=2)
                 logger.experiment.add_image(f"perception/views/{b}", panel.clamp(0, 1), step)
         lines = []

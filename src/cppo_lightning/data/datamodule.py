@@ -1,11 +1,16 @@
 """The LightningDataModule: prompts with their images, collated by the policy's processor.
 
 A batch is B prompts (a :class:`~cppo_lightning.records.PromptBatch`); the rollout expands each
-into G responses, so a GRPO group never straddles batches or ranks.
+into G responses, so a GRPO group never straddles batches or ranks. Before training, every row of
+both splits is checked once (images decode, image count, prompt length) and unusable rows are
+dropped and counted (``data_report.json`` in the log directory).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -13,26 +18,36 @@ import datasets
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from cppo_lightning.data.rows import (
+    DropReport,
+    empty,
+    format_prompt,
+    missing_columns,
+    prepare_split,
+    row_images,
+)
 from cppo_lightning.data.synthetic import INSTRUCTION, SyntheticShapes
 from cppo_lightning.data.views import ViewMaker
-from cppo_lightning.policy import DEFAULT_MODEL, load_processor
+from cppo_lightning.families import Family
+from cppo_lightning.policy import DEFAULT_MODEL, load_processor, model_family
 from cppo_lightning.records import PromptBatch
+
+__all__ = ["DatasetSource", "PromptCollator", "VisionLanguageDataModule", "format_prompt"]
+
+# Column names recognised when the DataModule's *_column arguments are left at None.
+QUESTION_COLUMNS = ("question", "problem", "query", "prompt")
+ANSWER_COLUMNS = ("answer", "solution", "ground_truth", "gt_answer")
+IMAGE_COLUMNS = ("image", "images", "decoded_image")
 
 
 class DatasetSource(Protocol):
     """Anything with ``load() -> DatasetDict`` holding a ``train`` and a ``validation`` split."""
 
     def load(self) -> datasets.DatasetDict: ...
-
-
-def format_prompt(processor: Any, question: str, instruction: str = "") -> str:
-    """The chat-formatted prompt text (one image, then the question and the instruction)."""
-    text = f"{question} {instruction}".strip()
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 ROW_INDEX = "__row_index__"
@@ -54,8 +69,20 @@ class _IndexedRows(Dataset):
 class PromptCollator:
     """Turns dataset rows into a :class:`PromptBatch` with the processor (left padding).
 
-    With ``keep_images`` the batch also carries the images as float tensors in [0, 1], from
-    which the DataModule draws the perturbed views on the batch's device.
+    Rows have the canonical columns ``question``, ``answer`` and ``image_column`` (one image or
+    a list). With ``keep_images`` the batch also carries the images as float tensors in [0, 1],
+    from which the DataModule draws the perturbed views on the batch's device. A row whose
+    image cannot be read (a file that vanished since the check) is skipped with a warning and
+    counted in ``skipped``.
+
+    Args:
+        processor: The policy's processor.
+        instruction: Text appended to every question.
+        image_column: Column holding the image(s).
+        keep_images: Keep the decoded images (for views).
+        family: The model family; found from the processor's class when None.
+        min_pixels: Images smaller than this (H x W) are upscaled to it, aspect kept.
+        max_pixels: Images larger than this are downscaled to it, aspect kept.
     """
 
     def __init__(
@@ -64,32 +91,81 @@ class PromptCollator:
         instruction: str,
         image_column: str = "image",
         keep_images: bool = False,
+        family: Family | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ) -> None:
+        from cppo_lightning.families import family_of_processor
+
         self.processor = processor
         self.instruction = instruction
         self.image_column = image_column
         self.keep_images = keep_images
+        self.family = family if family is not None else family_of_processor(processor)
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.skipped = 0
+
+    def images(self, row: dict[str, Any]) -> list[Image.Image]:
+        """The row's images, decoded and sized (ValueError if one is bad or missing)."""
+        return row_images(row, self.image_column, None, self.min_pixels, self.max_pixels)
+
+    def prompt(self, row: dict[str, Any], num_images: int) -> str:
+        return format_prompt(self.processor, row["question"], self.instruction, num_images)
+
+    def prompt_length(self, row: dict[str, Any]) -> int:
+        """Tokens of the row's prompt, image tokens included."""
+        images = self.images(row)
+        encoded = self.processor(
+            text=[self.prompt(row, len(images))],
+            images=[images] if self.family.nested_images else images,
+            return_tensors="pt",
+        )
+        return int(encoded["input_ids"].shape[1])
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> PromptBatch:
-        row_index = torch.tensor([row.get(ROW_INDEX, -1) for row in rows], dtype=torch.long)
-        rows = [{k: v for k, v in row.items() if k != ROW_INDEX} for row in rows]
-        images = [_rgb(row[self.image_column]) for row in rows]
-        texts = [format_prompt(self.processor, row["question"], self.instruction) for row in rows]
+        kept: list[dict[str, Any]] = []
+        per_row: list[list[Image.Image]] = []
+        for row in rows:
+            try:
+                per_row.append(self.images(row))
+            except ValueError as error:
+                self.skipped += 1
+                warnings.warn(
+                    f"skipped row {row.get(ROW_INDEX)}: {error} ({self.skipped} so far)",
+                    stacklevel=2,
+                )
+                continue
+            kept.append(row)
+        if not kept:
+            raise RuntimeError(
+                f"no row of this batch of {len(rows)} has a readable image: the image files "
+                "changed since the data were checked at set-up; fix them and restart."
+            )
+        row_index = torch.tensor([row.get(ROW_INDEX, -1) for row in kept], dtype=torch.long)
+        kept = [{k: v for k, v in row.items() if k != ROW_INDEX} for row in kept]
+        texts = [self.prompt(row, len(images)) for row, images in zip(kept, per_row, strict=True)]
+        flat = [image for images in per_row for image in images]
         encoded = self.processor(
-            text=texts, images=images, padding=True, padding_side="left", return_tensors="pt"
+            text=texts,
+            images=per_row if self.family.nested_images else flat,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
         )
         columns = {
-            name: [row[name] for row in rows] for name in rows[0] if name != self.image_column
+            name: [row[name] for row in kept] for name in kept[0] if name != self.image_column
         }
         return PromptBatch(
             input_ids=encoded["input_ids"],
             attention_mask=encoded["attention_mask"],
-            pixel_values=encoded["pixel_values"],
-            image_grid_thw=encoded["image_grid_thw"],
+            vision={key: encoded[key] for key in self.family.image_keys},
+            vision_layout=dict(self.family.image_keys),
+            image_counts=torch.tensor([len(images) for images in per_row], dtype=torch.long),
             mm_token_type_ids=encoded.get("mm_token_type_ids"),
             columns=columns,
             row_index=row_index,
-            images=[_to_tensor(image) for image in images] if self.keep_images else None,
+            images=[_to_tensor(image) for image in flat] if self.keep_images else None,
         )
 
 
@@ -99,38 +175,32 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
-def _rgb(image: Any) -> Image.Image:
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image in the image column, got {type(image).__name__}.")
-    return image if image.mode == "RGB" else image.convert("RGB")
+def _pick_column(
+    dataset: datasets.Dataset, split: str, given: str | None, candidates: Sequence[str], what: str
+) -> str:
+    if given is not None:
+        return given
+    for name in candidates:
+        if name in dataset.column_names:
+            return name
+    raise ValueError(
+        f"the {split!r} split has none of the usual {what} columns {list(candidates)} (columns: "
+        f"{dataset.column_names}): set data.{what}_column."
+    )
 
 
-def check_rows(
-    dataset: datasets.Dataset, split: str, image_column: str, required: Sequence[str]
-) -> None:
-    """Fail early, naming the row, if a row has no image or an empty required column."""
-    for column in (image_column, *required):
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"the {split!r} split has no column {column!r} (columns: {dataset.column_names}): "
-                "set data.question_column / data.answer_column / data.image_column to match it."
-            )
-    images = dataset.cast_column(image_column, datasets.Image(decode=False))[image_column]
-    for index, image in enumerate(images):
-        if image is None or (
-            isinstance(image, dict) and not (image.get("bytes") or image.get("path"))
-        ):
-            raise ValueError(
-                f"row {index} of the {split!r} split has no image in column {image_column!r}: "
-                "every prompt needs an image; drop or fix that row."
-            )
-    for column in required:
-        for index, value in enumerate(dataset[column]):
-            if value is None or (isinstance(value, str) and not value.strip()):
-                raise ValueError(
-                    f"row {index} of the {split!r} split has an empty {column!r}: "
-                    "drop or fix that row, or point the column mapping at another column."
-                )
+def _undecoded_images(dataset: datasets.Dataset, column: str) -> datasets.Dataset:
+    """Keep image columns as bytes/paths: images are decoded by the collator, which can skip a
+    corrupt one instead of failing inside ``datasets``."""
+    feature = dataset.features[column]
+    if isinstance(feature, datasets.Image):
+        return dataset.cast_column(column, datasets.Image(decode=False))
+    inner = getattr(feature, "feature", None)
+    if isinstance(feature, list) and feature:
+        inner = feature[0]
+    if isinstance(inner, datasets.Image):
+        return dataset.cast_column(column, datasets.List(datasets.Image(decode=False)))
+    return dataset
 
 
 class VisionLanguageDataModule(pl.LightningDataModule):
@@ -138,16 +208,28 @@ class VisionLanguageDataModule(pl.LightningDataModule):
 
     Args:
         dataset: Where rows come from: any object with ``load() -> DatasetDict`` (``train`` and
-            ``validation`` splits). The synthetic shapes task when None.
+            ``validation`` splits), e.g. :class:`~cppo_lightning.data.HFDataset` for hub or
+            local files. The synthetic shapes task when None.
         processor_name_or_path: Checkpoint whose processor encodes prompts. Linked from
             ``model.model_name_or_path``.
         batch_size: B, prompts per rollout batch (per device); each gets G responses.
         val_batch_size: Prompts per validation batch.
         num_workers: DataLoader worker processes.
-        instruction: Text appended to every question (the response format the reward checks).
-        question_column: Dataset column holding the question.
-        answer_column: Dataset column holding the ground-truth answer.
-        image_column: Dataset column holding the image.
+        instruction: Text appended to every question (the response format the reward checks;
+            :data:`cppo_lightning.data.PAPER_INSTRUCTION` is the paper's).
+        question_column: Dataset column holding the question; found among ``question``,
+            ``problem``, ``query``, ``prompt`` when None.
+        answer_column: Column holding the ground truth; ``answer``, ``solution``,
+            ``ground_truth``, ``gt_answer`` when None.
+        image_column: Column holding the image or list of images; ``image``, ``images``,
+            ``decoded_image`` when None.
+        min_pixels: Smaller images (H x W) are upscaled to this many pixels; None leaves them.
+        max_pixels: Larger images are downscaled to this many pixels; None leaves them.
+        max_prompt_length: Rows whose prompt (image tokens included) is longer are dropped and
+            counted; None keeps all (and skips the tokenisation pass).
+        max_images: Rows with more images are dropped and counted (1 = single-image items, as the
+            paper trains on ViRL39K); None allows as many as the model family takes.
+        preprocess_workers: Processes for the set-up pass that checks every row.
         preserving_view: Information-preserving perturbation I+ (any module mapping float
             images ``[B, 3, H, W]`` -> ``[B, 3, H, W]``, e.g. the kornia augmentations and the
             containers in :mod:`cppo_lightning.perturbations`); None draws no such view.
@@ -165,9 +247,14 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         val_batch_size: int = 32,
         num_workers: int = 0,
         instruction: str = INSTRUCTION,
-        question_column: str = "question",
-        answer_column: str = "answer",
-        image_column: str = "image",
+        question_column: str | None = None,
+        answer_column: str | None = None,
+        image_column: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        max_prompt_length: int | None = None,
+        max_images: int | None = None,
+        preprocess_workers: int = 1,
         preserving_view: torch.nn.Module | None = None,
         removing_view: torch.nn.Module | None = None,
         view_seed: int = 0,
@@ -178,6 +265,12 @@ class VisionLanguageDataModule(pl.LightningDataModule):
                 f"data.batch_size and data.val_batch_size must be >= 1, got {batch_size} and "
                 f"{val_batch_size}."
             )
+        if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+            raise ValueError(
+                f"data.min_pixels={min_pixels} is larger than data.max_pixels={max_pixels}."
+            )
+        if max_images is not None and max_images < 1:
+            raise ValueError(f"data.max_images must be >= 1 or null, got {max_images}.")
         self.source = dataset if dataset is not None else SyntheticShapes()
         self.processor_name_or_path = processor_name_or_path
         self.batch_size = batch_size
@@ -187,10 +280,16 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         self.question_column = question_column
         self.answer_column = answer_column
         self.image_column = image_column
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.max_prompt_length = max_prompt_length
+        self.max_images = max_images
+        self.preprocess_workers = preprocess_workers
         self.preserving_view = preserving_view
         self.removing_view = removing_view
         self.view_seed = view_seed
         self.splits: dict[str, datasets.Dataset] = {}
+        self.reports: dict[str, DropReport] = {}
         self.collate: PromptCollator | None = None
         self.val_collate: PromptCollator | None = None
         self.view_maker: ViewMaker | None = None
@@ -204,6 +303,14 @@ class VisionLanguageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        processor = load_processor(self.processor_name_or_path)
+        family = model_family(self.processor_name_or_path)
+        settings: dict[str, Any] = {
+            "family": family,
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+        }
+        checker = PromptCollator(processor, self.instruction, "image", **settings)
         loaded = self.source.load()
         for split in ("train", "validation"):
             if split not in loaded:
@@ -211,19 +318,84 @@ class VisionLanguageDataModule(pl.LightningDataModule):
                     f"data.dataset returned splits {list(loaded)}; "
                     "it needs 'train' and 'validation'."
                 )
-            ds = loaded[split]
-            check_rows(ds, split, self.image_column, (self.question_column, self.answer_column))
-            renames = {self.question_column: "question", self.answer_column: "answer"}
-            self.splits[split] = ds.rename_columns({k: v for k, v in renames.items() if k != v})
-        processor = load_processor(self.processor_name_or_path)
+            ds = self._canonical(loaded[split], split)
+            ds, report = prepare_split(
+                ds, split, self._row_check(checker, family), self.preprocess_workers
+            )
+            if len(ds) == 0:
+                raise ValueError(
+                    f"every row of the {split!r} split was dropped ({report.summary()}): "
+                    "check the column mapping, image paths (image_root), data.max_prompt_length "
+                    "and data.max_images."
+                )
+            rank_zero_info(f"data {report.summary()}")
+            self.splits[split], self.reports[split] = ds, report
+        self._write_report()
         self.view_maker = ViewMaker(
-            processor.image_processor, self.preserving_view, self.removing_view, self.view_seed
+            processor.image_processor,
+            self.preserving_view,
+            self.removing_view,
+            self.view_seed,
+            family=family,
         )
         self.collate = PromptCollator(
-            processor, self.instruction, self.image_column, keep_images=self.view_maker.enabled
+            processor, self.instruction, "image", keep_images=self.view_maker.enabled, **settings
         )
         # Held-out batches never get views: no need to carry their images as tensors.
-        self.val_collate = PromptCollator(processor, self.instruction, self.image_column)
+        self.val_collate = PromptCollator(processor, self.instruction, "image", **settings)
+
+    def _canonical(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
+        """Rename the question/answer/image columns to ``question``/``answer``/``image``."""
+        names = {
+            "question": _pick_column(ds, split, self.question_column, QUESTION_COLUMNS, "question"),
+            "answer": _pick_column(ds, split, self.answer_column, ANSWER_COLUMNS, "answer"),
+            "image": _pick_column(ds, split, self.image_column, IMAGE_COLUMNS, "image"),
+        }
+        error = missing_columns(ds, split, list(names.values()))
+        if error is not None:
+            raise error
+        renames = {source: ours for ours, source in names.items() if source != ours}
+        # A column already named like a target (e.g. a reference `solution` when the answer
+        # column is `solution`) would collide: keep it under another name.
+        clashes = {ours: f"original_{ours}" for ours in renames.values() if ours in ds.column_names}
+        ds = ds.rename_columns({**clashes, **renames})
+        return _undecoded_images(ds, "image")
+
+    def _row_check(self, collator: PromptCollator, family: Family) -> Any:
+        max_images = self.max_images
+        max_length = self.max_prompt_length
+
+        def check(row: dict[str, Any]) -> str | None:
+            if empty(row["question"]):
+                return "empty question"
+            if empty(row["answer"]):
+                return "empty answer"
+            try:
+                images = collator.images(row)
+            except ValueError as error:
+                return "no image" if str(error) == "no image" else "unreadable image"
+            if len(images) > 1 and not family.multi_image:
+                return f"multi-image row ({family.name} takes one image per prompt)"
+            if max_images is not None and len(images) > max_images:
+                return f"more than {max_images} image(s) (data.max_images)"
+            if max_length is not None and collator.prompt_length(row) > max_length:
+                return f"prompt longer than {max_length} tokens (data.max_prompt_length)"
+            return None
+
+        return check
+
+    def _write_report(self) -> None:
+        trainer = self.trainer
+        directory = trainer.log_dir if trainer is not None else None
+        if trainer is None or directory is None or not trainer.is_global_zero:
+            return
+        os.makedirs(directory, exist_ok=True)
+        report = {
+            split: {"rows": r.rows, "kept": r.kept, "dropped": dict(r)}
+            for split, r in self.reports.items()
+        }
+        with open(os.path.join(directory, "data_report.json"), "w") as handle:
+            json.dump(report, handle, indent=2)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

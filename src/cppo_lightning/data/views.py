@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from cppo_lightning.families import Family, encode_images
 from cppo_lightning.perturbations import apply_seeded, view_seed
 from cppo_lightning.records import ImageViews, PromptBatch
 
@@ -26,6 +27,7 @@ class ViewMaker:
         preserving: Information-preserving perturbation (a [B,3,H,W] -> [B,3,H,W] module), or None.
         removing: Information-removing perturbation, or None.
         seed: Base seed of the view draws.
+        family: The model family (how its image processor takes images).
     """
 
     def __init__(
@@ -34,8 +36,11 @@ class ViewMaker:
         preserving: torch.nn.Module | None,
         removing: torch.nn.Module | None,
         seed: int = 0,
+        *,
+        family: Family,
     ) -> None:
         self.image_processor = image_processor
+        self.family = family
         self.perturbations = {"preserving": preserving, "removing": removing}
         self.seed = seed
 
@@ -48,41 +53,54 @@ class ViewMaker:
         if batch.images is None or batch.row_index is None:
             raise ValueError("the batch carries no images: it was collated without views.")
         images: dict[str, list[torch.Tensor] | None] = {}
-        pixels: dict[str, torch.Tensor | None] = {}
+        pixels: dict[str, dict[str, torch.Tensor] | None] = {}
         for name, perturbation in self.perturbations.items():
             if perturbation is None:
                 images[name] = pixels[name] = None
                 continue
             perturbation.to(batch.images[0].device)
             views = [
-                apply_seeded(perturbation, image, view_seed(self.seed, int(row), epoch, name))
-                for image, row in zip(batch.images, batch.row_index.tolist(), strict=True)
+                apply_seeded(perturbation, image, view_seed(self.seed, row, epoch, key))
+                for image, (row, key) in zip(batch.images, self._keys(batch, name), strict=True)
             ]
             images[name] = views
-            pixels[name] = self._patches(views, batch, name)
+            pixels[name] = self._encode(views, batch, name)
         return batch._replace(
             views=ImageViews(
                 preserving=images["preserving"],
                 removing=images["removing"],
-                pixel_values_pos=pixels["preserving"],
-                pixel_values_neg=pixels["removing"],
+                vision_pos=pixels["preserving"],
+                vision_neg=pixels["removing"],
             )
         )
 
-    def _patches(self, views: list[torch.Tensor], batch: PromptBatch, name: str) -> torch.Tensor:
+    @staticmethod
+    def _keys(batch: PromptBatch, name: str) -> list[tuple[int, str]]:
+        """(row, view key) of every image: the k-th image of a row (k > 0) gets ``name#k``."""
+        assert batch.row_index is not None
+        keys = []
+        for row, count in zip(batch.row_index.tolist(), batch.image_counts.tolist(), strict=True):
+            keys += [(int(row), name if k == 0 else f"{name}#{k}") for k in range(count)]
+        return keys
+
+    def _encode(
+        self, views: list[torch.Tensor], batch: PromptBatch, name: str
+    ) -> dict[str, torch.Tensor]:
         # The PIL-based processors work on host memory; the kornia draws above ran on the device.
-        encoded = self.image_processor(
-            images=[view.detach().float().cpu() for view in views],
-            do_rescale=False,
-            return_tensors="pt",
+        encoded = encode_images(
+            self.image_processor, views, batch.image_counts.tolist(), self.family
         )
-        grid = encoded["image_grid_thw"].to(batch.image_grid_thw.device)
-        if not torch.equal(grid, batch.image_grid_thw):
-            raise ValueError(
-                f"the {name} view gives image grids {grid.tolist()} but the originals give "
-                f"{batch.image_grid_thw.tolist()}: data.{name}_view must keep every image's "
-                "H x W so that the prompt tokens can be reused."
+        for key, original in batch.vision.items():
+            value = encoded[key]
+            same = value.shape == original.shape and (
+                value.is_floating_point() or torch.equal(value.to(original.device), original)
             )
-        return encoded["pixel_values"].to(
-            device=batch.pixel_values.device, dtype=batch.pixel_values.dtype
-        )
+            if not same:
+                raise ValueError(
+                    f"the {name} view gives {key} of shape {tuple(value.shape)} but the originals "
+                    f"give {tuple(original.shape)} (or different image grids/masks): "
+                    f"data.{name}_view must keep every image's H x W so that the prompt tokens "
+                    "can be reused."
+                )
+            encoded[key] = value.to(device=original.device, dtype=original.dtype)
+        return encoded

@@ -1,0 +1,164 @@
+"""Datasets from the Hugging Face hub or local files (parquet, json/jsonl, csv, image folders).
+
+    data:
+      dataset:
+        class_path: cppo_lightning.data.HFDataset
+        init_args:
+          train: {path: TIGER-Lab/ViRL39K, image_root: /data/ViRL39K}
+          validation: {path: hiyouga/geometry3k, split: test}
+
+Column names are matched by the DataModule (``question``/``problem``, ``image``/``images``,
+``answer``/``solution``...) or mapped explicitly with ``columns``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+@dataclasses.dataclass
+class DatasetSpec:
+    """One split of a dataset.
+
+    Args:
+        path: Hub name (``hiyouga/geometry3k``), a local directory (parquet/json files named by
+            split, or an image folder with ``metadata.jsonl``), or one local file (``.parquet``,
+            ``.json``, ``.jsonl``, ``.csv``).
+        split: Split to read (a single local file is always its own ``train`` split).
+        name: Hub configuration name, if the dataset has several.
+        data_files: Files to read inside ``path`` (``datasets.load_dataset``'s ``data_files``).
+        revision: Hub revision (branch, tag or commit) to pin.
+        image_root: Folder that relative image paths in the image column are relative to;
+            the file's (or directory's) own folder when None.
+        columns: Renames applied first, ``{our name: dataset column}``, e.g.
+            ``{question: problem, image: images, answer: solution}``.
+        num_rows: Keep only the first ``num_rows`` rows (smoke runs).
+    """
+
+    path: str
+    split: str = "train"
+    name: str | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    revision: str | None = None
+    image_root: str | None = None
+    columns: dict[str, str] | None = None
+    num_rows: int | None = None
+
+    def load(self) -> datasets.Dataset:
+        """Read the split; relative image paths are made absolute."""
+        local = Path(self.path).expanduser()
+        if local.is_file():
+            builder = _FILE_BUILDERS.get(local.suffix.lower())
+            if builder is None:
+                raise ValueError(
+                    f"cannot read {self.path!r}: give a .parquet, .json, .jsonl or .csv file, a "
+                    "directory, or a hub dataset name."
+                )
+            dataset = datasets.load_dataset(builder, data_files=str(local), split="train")
+            root: str | None = self.image_root or str(local.parent)
+        else:
+            try:
+                dataset = datasets.load_dataset(
+                    str(local) if local.is_dir() else self.path,
+                    self.name,
+                    data_files=self.data_files,
+                    split=self.split,
+                    revision=self.revision,
+                )
+            except ValueError as error:
+                if "Unknown split" in str(error) or "split" in str(error).lower():
+                    raise ValueError(
+                        f"{self.path!r} has no split {self.split!r} ({error}): set the spec's "
+                        "`split`."
+                    ) from error
+                raise
+            root = self.image_root or (str(local) if local.is_dir() else None)
+        assert isinstance(dataset, datasets.Dataset)
+        if self.columns:
+            absent = [source for source in self.columns.values() if source not in dataset.features]
+            if absent:
+                raise ValueError(
+                    f"{self.path!r} ({self.split}) has no column(s) {absent} named in `columns`; "
+                    f"its columns are {dataset.column_names}."
+                )
+            renames = {source: ours for ours, source in self.columns.items() if source != ours}
+            dataset = dataset.rename_columns(renames)
+        if self.num_rows is not None:
+            dataset = dataset.select(range(min(self.num_rows, len(dataset))))
+        return _absolute_image_paths(dataset, root)
+
+
+def _absolute_image_paths(dataset: datasets.Dataset, root: str | None) -> datasets.Dataset:
+    """Make relative path strings in image-like string columns absolute against ``root``."""
+    if root is None:
+        return dataset
+    columns = [name for name, feature in dataset.features.items() if _is_path_column(name, feature)]
+    if not columns:
+        return dataset
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            return os.path.join(root, value)
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        return value
+
+    return dataset.map(lambda row: {c: absolute(row[c]) for c in columns}, desc="image paths")
+
+
+def _is_path_column(name: str, feature: Any) -> bool:
+    if "image" not in name.lower():
+        return False
+    inner = getattr(feature, "feature", feature)  # a list feature's element
+    if isinstance(feature, list) and feature:
+        inner = feature[0]
+    return isinstance(inner, datasets.Value) and inner.dtype in ("string", "large_string")
+
+
+class HFDataset:
+    """Train and validation splits from the hub or local files.
+
+    Args:
+        train: The training split.
+        validation: The held-out split (e.g. Geometry3K ``test`` for a ViRL39K run); when None,
+            ``validation_size`` rows are held out of ``train`` (seeded).
+        validation_size: Rows held out of ``train`` when ``validation`` is None.
+        seed: Seed of that hold-out.
+    """
+
+    def __init__(
+        self,
+        train: DatasetSpec,
+        validation: DatasetSpec | None = None,
+        validation_size: int = 256,
+        seed: int = 0,
+    ) -> None:
+        if validation is None and validation_size < 1:
+            raise ValueError(
+                "data.dataset.validation is null, so validation_size rows are held out of train: "
+                f"it must be >= 1, got {validation_size}."
+            )
+        self.train = train
+        self.validation = validation
+        self.validation_size = validation_size
+        self.seed = seed
+
+    def load(self) -> datasets.DatasetDict:
+        train = self.train.load()
+        if self.validation is not None:
+            return datasets.DatasetDict(train=train, validation=self.validation.load())
+        if self.validation_size >= len(train):
+            raise ValueError(
+                f"cannot hold out validation_size={self.validation_size} rows of a "
+                f"{len(train)}-row train split: lower data.dataset.validation_size or give a "
+                "validation spec."
+            )
+        split = train.train_test_split(test_size=self.validation_size, seed=self.seed)
+        return datasets.DatasetDict(train=split["train"], validation=split["test"])

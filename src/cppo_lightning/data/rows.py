@@ -1,0 +1,194 @@
+"""From a dataset row to what the processor takes: images decoded and sized, the chat prompt built.
+
+Rows reach the collator with canonical columns ``question``, ``answer`` and ``image`` (one image
+or a list of images: PIL images, ``{"bytes", "path"}`` dicts as ``datasets`` stores them, or file
+paths). :func:`prepare_split` runs the same code over a whole split once, before training, and
+drops the rows that cannot be trained on, counting why.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import datasets
+from PIL import Image
+
+# The paper's prompt format (reasoning in <think>, answer in \boxed{}), worded as in the
+# EasyR1/verl math prompt that the CPPO and PAPO recipes build on.
+PAPER_INSTRUCTION = (
+    "You FIRST think about the reasoning process as an internal monologue and then provide the "
+    "final answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final "
+    "answer MUST BE put in \\boxed{}."
+)
+
+IMAGE_PLACEHOLDER = "<image>"  # how ViRL39K / Geometry3K mark an image's place in the question
+
+
+def open_image(value: Any, image_root: str | None = None) -> Image.Image:
+    """Decode one image value (PIL, ``{"bytes", "path"}`` dict, or path) into RGB.
+
+    Raises:
+        ValueError: The value is empty, or the file is missing or not an image.
+    """
+    if isinstance(value, Image.Image):
+        image = value
+    else:
+        data = path = None
+        if isinstance(value, dict):
+            data, path = value.get("bytes"), value.get("path")
+        elif isinstance(value, str):
+            path = value
+        elif value is not None:
+            raise ValueError(f"an image value of type {type(value).__name__}")
+        if not data and not path:
+            raise ValueError("no image")
+        if not data:
+            assert path is not None
+            if image_root is not None and not os.path.isabs(path):
+                path = os.path.join(image_root, path)
+            try:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            except OSError as error:
+                raise ValueError(f"unreadable image file {path!r}: {error}") from error
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except Exception as error:  # PIL raises several types for bad data
+            raise ValueError(f"undecodable image ({type(error).__name__}: {error})") from error
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def image_values(value: Any) -> list[Any]:
+    """The image column of a row as a list (one entry per image)."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def fit_pixels(image: Image.Image, min_pixels: int | None, max_pixels: int | None) -> Image.Image:
+    """Resize (aspect kept) so that H x W lies within ``[min_pixels, max_pixels]``."""
+    pixels = image.width * image.height
+    scale = 1.0
+    if max_pixels is not None and pixels > max_pixels:
+        scale = math.sqrt(max_pixels / pixels)
+    elif min_pixels is not None and pixels < min_pixels:
+        scale = math.sqrt(min_pixels / pixels)
+    if scale == 1.0:
+        return image
+    size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def chat_content(question: str, num_images: int, instruction: str) -> list[dict[str, str]]:
+    """The user turn: images at their ``<image>`` placeholders when the question has exactly one
+    per image, else all images first; the instruction after the question."""
+    segments = question.split(IMAGE_PLACEHOLDER)
+    content: list[dict[str, str]] = []
+    if len(segments) - 1 == num_images and num_images > 0:
+        for i, segment in enumerate(segments):
+            if i > 0:
+                content.append({"type": "image"})
+            if segment.strip():
+                content.append({"type": "text", "text": segment.strip()})
+    else:
+        content = [{"type": "image"}] * num_images
+        text = " ".join(s.strip() for s in segments if s.strip())
+        if text:
+            content.append({"type": "text", "text": text})
+    if instruction:
+        if content and content[-1]["type"] == "text":
+            content[-1] = {"type": "text", "text": f"{content[-1]['text']} {instruction}"}
+        else:
+            content.append({"type": "text", "text": instruction})
+    return content
+
+
+def format_prompt(processor: Any, question: str, instruction: str = "", num_images: int = 1) -> str:
+    """The chat-formatted prompt text of a question with ``num_images`` images."""
+    messages = [{"role": "user", "content": chat_content(question, num_images, instruction)}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+class DropReport(collections.Counter):
+    """Rows dropped from a split, by reason; ``kept`` and ``rows`` count rows."""
+
+    def __init__(self, split: str, rows: int = 0) -> None:
+        super().__init__()
+        self.split = split
+        self.rows = rows
+
+    @property
+    def kept(self) -> int:
+        return self.rows - sum(self.values())
+
+    def summary(self) -> str:
+        dropped = ", ".join(f"{count} {reason}" for reason, count in self.most_common())
+        return (
+            f"{self.split}: kept {self.kept} of {self.rows} rows"
+            + (f"; dropped {dropped}" if dropped else "")
+            + "."
+        )
+
+
+def prepare_split(
+    dataset: datasets.Dataset,
+    split: str,
+    check: Callable[[dict[str, Any]], str | None],
+    num_proc: int | None = None,
+) -> tuple[datasets.Dataset, DropReport]:
+    """Drop the rows for which ``check(row)`` names a reason; count the reasons.
+
+    ``check`` returns None to keep a row (it decodes the images and, if asked, counts the
+    prompt's tokens). Runs through ``datasets.map``, so hub and file datasets cache the result.
+    """
+    report = DropReport(split, len(dataset))
+    marked = dataset.map(
+        lambda row: {"__drop__": check(row) or ""},
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
+        desc=f"checking {split} rows",
+    )
+    reasons = marked["__drop__"]
+    report.update(reason for reason in reasons if reason)
+    if not any(reasons):
+        return dataset, report
+    keep = [i for i, reason in enumerate(reasons) if not reason]
+    return dataset.select(keep), report
+
+
+def row_images(
+    row: dict[str, Any],
+    image_column: str,
+    image_root: str | None,
+    min_pixels: int | None,
+    max_pixels: int | None,
+) -> list[Image.Image]:
+    """Decode and size the images of one row (raises ValueError for a bad or missing image)."""
+    values = image_values(row[image_column])
+    if not values:
+        raise ValueError("no image")
+    return [fit_pixels(open_image(v, image_root), min_pixels, max_pixels) for v in values]
+
+
+def empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def missing_columns(
+    dataset: datasets.Dataset, split: str, columns: Sequence[str]
+) -> ValueError | None:
+    absent = [c for c in columns if c not in dataset.column_names]
+    if not absent:
+        return None
+    return ValueError(
+        f"the {split!r} split has no column(s) {absent} (columns: {dataset.column_names}): "
+        "set data.question_column / data.answer_column / data.image_column (or the dataset "
+        "spec's `columns`) to match it."
+    )
