@@ -1,0 +1,173 @@
+"""Real-dataset layouts: ViRL39K-style parquet and Geometry3K-style jsonl/parquet files, read by
+HFDataset, checked row by row, and trained on for a step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import yaml
+from PIL import Image
+
+from cppo_lightning.cli import main
+from cppo_lightning.data import DatasetSpec, HFDataset, VisionLanguageDataModule
+from tests.e2e.test_fit import BASE
+
+
+def _image(path: Path, color: tuple[int, int, int], size=(112, 112)) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return str(path)
+
+
+def _virl39k(root: Path) -> Path:
+    """ViRL39K's layout: relative image paths in a list column, answers boxed, <image> in text."""
+    images = root / "images"
+    rows = []
+    for i in range(8):
+        _image(images / f"{i}.png", (30 * i, 100, 200))
+        rows.append(
+            {
+                "qid": f"q{i}",
+                "question": f"<image>How many sides does shape {i} have?",
+                "answer": f"\\boxed{{{i + 3}}}",
+                "image": [f"images/{i}.png"],
+                "category": "geometry",
+                "source": "synthetic",
+                "PassRate_32BTrained": 0.5,
+            }
+        )
+    (images / "broken.png").write_bytes(b"this is not a png")
+    rows.append({**rows[0], "qid": "bad", "image": ["images/broken.png"]})
+    rows.append({**rows[0], "qid": "gone", "image": ["images/missing.png"]})
+    _image(images / "second.png", (0, 0, 0))
+    rows.append({**rows[1], "qid": "two", "image": ["images/1.png", "images/second.png"]})
+    rows.append({**rows[2], "qid": "long", "question": "<image>" + "why " * 400})
+    path = root / "virl39k.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    return path
+
+
+def _geometry3k_jsonl(root: Path) -> Path:
+    """Geometry3K's layout: `problem`, `answer` (bare), `images` (a list)."""
+    path = root / "geometry3k" / "test.jsonl"
+    path.parent.mkdir(parents=True)
+    with path.open("w") as handle:
+        for i in range(4):
+            _image(path.parent / f"g{i}.png", (200, 30 * i, 0), size=(96, 128))
+            row = {
+                "problem": f"<image>Find x in figure {i}.",
+                "answer": str(i),
+                "images": [f"g{i}.png"],
+            }
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+def test_virl39k_rows_are_checked_and_counted(tmp_path):
+    source = HFDataset(
+        train=DatasetSpec(path=str(_virl39k(tmp_path))),
+        validation=DatasetSpec(path=str(_geometry3k_jsonl(tmp_path))),
+    )
+    module = VisionLanguageDataModule(
+        dataset=source, batch_size=2, max_prompt_length=256, max_images=1
+    )
+    module.setup("fit")
+    report = module.reports["train"]
+    assert dict(report) == {
+        "unreadable image": 2,
+        "more than 1 image(s) (data.max_images)": 1,
+        "prompt longer than 256 tokens (data.max_prompt_length)": 1,
+    }
+    assert report.kept == 8 and module.reports["validation"].kept == 4
+    batch = next(iter(module.val_dataloader()))
+    assert batch.columns["answer"] == ["0", "1", "2", "3"]
+    assert module.splits["train"][0]["answer"] == "\\boxed{3}"
+
+
+def test_multi_image_rows_train_where_the_family_allows(tmp_path):
+    train = DatasetSpec(path=str(_virl39k(tmp_path)))
+    source = HFDataset(train=train, validation=train)
+    module = VisionLanguageDataModule(dataset=source, batch_size=1)
+    module.setup("fit")  # Qwen2.5-VL takes several images per prompt: the 2-image row stays
+    assert dict(module.reports["train"]) == {"unreadable image": 2}
+    batches = [b for b in module.train_dataloader() if b.image_counts.tolist() == [2]]
+    assert len(batches) == 1
+    assert batches[0].vision["image_grid_thw"].shape[0] == 2
+    assert (batches[0].mm_token_type_ids == 1).sum() == 2 * 16  # both images' tokens
+
+
+def test_geometry3k_parquet_with_embedded_images(tmp_path):
+    rows = {
+        "problem": ["<image>Find y.", "<image>Find z."],
+        "answer": ["5", "7"],
+        "images": [[Image.new("RGB", (64, 80), "red")], [Image.new("RGB", (80, 64), "blue")]],
+    }
+    features = datasets.Features(
+        problem=datasets.Value("string"),
+        answer=datasets.Value("string"),
+        images=datasets.List(datasets.Image()),
+    )
+    path = tmp_path / "test-00000-of-00001.parquet"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    split = DatasetSpec(path=str(path)).load()
+    assert split.column_names == ["problem", "answer", "images"]
+    renamed = DatasetSpec(path=str(path), columns={"question": "problem", "image": "images"}).load()
+    assert renamed.column_names == ["question", "answer", "image"]
+    with pytest.raises(ValueError, match=r"no column\(s\) \['img'\] named in `columns`"):
+        DatasetSpec(path=str(path), columns={"image": "img"}).load()
+
+
+def test_a_cppo_step_from_virl39k_and_geometry3k_files(tmp_path):
+    overlay = {
+        "data": {
+            "dataset": {
+                "class_path": "cppo_lightning.data.HFDataset",
+                "init_args": {
+                    "train": {"path": str(_virl39k(tmp_path))},
+                    "validation": {"path": str(_geometry3k_jsonl(tmp_path))},
+                },
+            },
+            "instruction": "Think in <think></think>, then answer in \\boxed{}.",
+            "max_prompt_length": 256,
+            "max_images": 1,
+            "max_pixels": 112 * 112,
+            "batch_size": 2,
+        }
+    }
+    config = tmp_path / "files.yaml"
+    config.write_text(yaml.safe_dump(overlay))
+    cli = main(
+        [
+            "fit",
+            "--config",
+            BASE,
+            "--config",
+            str(config),
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+            "--trainer.max_steps=1",
+            "--trainer.val_check_interval=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks=[]",
+            "--rollout.max_new_tokens=8",
+            "--model.val_samples=1",
+        ]
+    )
+    assert cli.model.global_step == 1
+    report = json.loads((Path(cli.trainer.log_dir) / "data_report.json").read_text())
+    assert report["train"]["kept"] == 8 and report["train"]["rows"] == 12
+    assert report["validation"] == {"rows": 4, "kept": 4, "dropped": {}}
+
+
+def test_multi_image_rows_are_dropped_for_a_single_image_family(tmp_path):
+    from tests.helpers.tiny_families import build_tiny_family
+
+    llava = build_tiny_family("llava", tmp_path / "llava")
+    train = DatasetSpec(path=str(_virl39k(tmp_path)))
+    module = VisionLanguageDataModule(
+        dataset=HFDataset(train=train, validation=train), processor_name_or_path=str(llava)
+    )
+    module.setup("fit")
+    assert module.reports["train"]["multi-image row (LLaVA takes one image per prompt)"] == 1
