@@ -7,6 +7,7 @@ documentation. Values that must agree live in one place and are linked (see
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -69,7 +70,13 @@ def main(args: list[str] | None = None, run: bool = True) -> CPPOCLI:
 
 def entry_point() -> None:
     """The ``cppo`` console script: like :func:`main`, returning nothing (a returned object would
-    become the process's exit status)."""
+    become the process's exit status). ``cppo export CKPT OUT`` writes a standalone Hugging Face
+    checkpoint (:mod:`cppo_lightning.export`)."""
+    if sys.argv[1:2] == ["export"]:
+        from cppo_lightning.export import main as export_main
+
+        export_main(sys.argv[2:])
+        return
     main()
 
 

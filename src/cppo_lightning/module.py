@@ -32,6 +32,7 @@ from cppo_lightning.policy import (
     load_processor,
     model_family,
     response_logits,
+    save_processor,
     suppressed_token_ids,
     token_logps,
 )
@@ -157,7 +158,8 @@ class CPPOModule(LightningModule):
         self.freeze_vision_tower = freeze_vision_tower
         self.freeze_projector = freeze_projector
         self.activation_checkpointing = activation_checkpointing
-        self.lora = lora
+        # A checkpoint's hyper-parameters hold the settings as a plain dict.
+        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.reward = reward if reward is not None else WeightedReward()
         self.perception_loss = perception_loss
         # Set by the perception_tokens and cpl_weight callbacks (CPPO only).
@@ -591,10 +593,11 @@ class CPPOModule(LightningModule):
         return {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
 
     def save_pretrained(self, directory: str) -> None:
-        """Write the policy (LoRA merged) and its processor in Hugging Face format."""
+        """Write the policy (LoRA merged) and its processor as a standalone Hugging Face
+        checkpoint: ``from_pretrained`` loads it without this package."""
         assert self.policy is not None
         policy = self.policy
         if self.lora is not None:
             policy = copy.deepcopy(policy).merge_and_unload()  # type: ignore[operator]
         policy.save_pretrained(directory)  # type: ignore[operator]
-        self.processor.save_pretrained(directory)
+        save_processor(self.processor, directory)

@@ -8,6 +8,7 @@ Qwen2.5-VL-7B take the same path. ``builtin:NAME`` names a model shipped in
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Sequence
 from importlib import resources
@@ -37,6 +38,7 @@ __all__ = [
     "load_processor",
     "model_family",
     "response_logits",
+    "save_processor",
     "token_logps",
 ]
 
@@ -153,6 +155,21 @@ def load_policy(
             activation_checkpointing_kwargs={"use_reentrant": False}
         )
     return model
+
+
+def save_processor(processor: ProcessorMixin, directory: str) -> None:
+    """``save_pretrained`` the processor under its transformers class name: the image-only
+    subclasses of :mod:`cppo_lightning.families` are recorded as the stock class they derive
+    from, so ``AutoProcessor`` loads the files without this package."""
+    processor.save_pretrained(directory)
+    stock = next(
+        cls.__name__ for cls in type(processor).__mro__ if cls.__module__.startswith("transformers")
+    )
+    for path in Path(directory).glob("*.json"):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.get("processor_class") not in (None, stock):
+            data["processor_class"] = stock
+            path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def suppressed_token_ids(processor: ProcessorMixin) -> list[int]:

@@ -1,0 +1,68 @@
+"""``cppo export``: a training checkpoint -> a standalone Hugging Face checkpoint.
+
+    cppo export runs/base/lightning_logs/version_0/checkpoints/last.ckpt exported/
+
+The checkpoint keeps only the trained weights (LoRA adapters, or the unfrozen weights) and the
+module's arguments; the rest is reloaded from its ``model_name_or_path``. LoRA is merged into the
+base weights, and the processor is saved under its transformers class name, so that
+``AutoModelForImageTextToText.from_pretrained(output)`` needs nothing from this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cppo_lightning.module import CPPOModule
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | None = None) -> Path:
+    """Write the policy of a ``cppo fit`` checkpoint (LoRA merged) and its processor to ``output``.
+
+    Args:
+        checkpoint: A ``.ckpt`` written by ``cppo fit`` (ModelCheckpoint).
+        output: Folder to write (created).
+        dtype: Weight dtype of the export; the training dtype when None.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {str(path)!r}: give the .ckpt that `cppo fit` wrote (e.g. "
+            "<log_dir>/checkpoints/last.ckpt)."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "hyper_parameters" not in state or "state_dict" not in state:
+        raise ValueError(f"{str(path)!r} is not a checkpoint written by `cppo fit`.")
+    accepted = inspect.signature(CPPOModule.__init__).parameters
+    hparams: dict[str, Any] = {k: v for k, v in state["hyper_parameters"].items() if k in accepted}
+    hparams["kl_coef"] = 0.0  # no frozen reference copy is needed to export
+    if dtype is not None:
+        hparams["dtype"] = dtype
+    module = CPPOModule(**hparams)
+    module.on_load_checkpoint(state)  # loads the base model; fails if trained weights are missing
+    module.load_state_dict(state["state_dict"], strict=False)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    module.save_pretrained(str(output))
+    return output
+
+
+def main(args: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="cppo export",
+        description="Write the policy of a `cppo fit` checkpoint as a standalone Hugging Face "
+        "checkpoint (LoRA merged) that transformers loads without cppo-lightning.",
+    )
+    parser.add_argument("checkpoint", help="the .ckpt written by `cppo fit`")
+    parser.add_argument("output", help="folder to write the Hugging Face checkpoint to")
+    parser.add_argument("--dtype", choices=_DTYPES, default=None, help="weight dtype to save")
+    parsed = parser.parse_args(args)
+    output = export_checkpoint(parsed.checkpoint, parsed.output, parsed.dtype)
+    print(f"exported to {output}")
+    return output
