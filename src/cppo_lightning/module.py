@@ -511,6 +511,9 @@ class CPPOModule(LightningModule):
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
         metrics["train/update_seconds"] = time.perf_counter() - start
         metrics.update(rollout_metrics(rollout))
+        # Responses scored 0 because a reward function raised (cumulative, per term).
+        for name, errors in getattr(self.reward, "total_errors", {}).items():
+            metrics[f"rollout/reward_errors/{name}"] = float(errors)
         # Averaged over ranks under DDP/FSDP, so the logged curve describes the whole batch.
         self.log_dict(metrics, batch_size=rollout.num_responses, sync_dist=True)
         self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False)

@@ -89,5 +89,5 @@ def test_exported_lora_policy_gives_the_same_logits_without_this_package(
 def test_export_names_a_missing_checkpoint(tmp_path):
     from cppo_lightning.export import export_checkpoint
 
-    with pytest.raises(FileNotFoundError, match="give the .ckpt that `cppo fit` wrote"):
+    with pytest.raises(FileNotFoundError, match=r"give the \.ckpt that `cppo fit` wrote"):
         export_checkpoint(tmp_path / "nope.ckpt", tmp_path / "out")
