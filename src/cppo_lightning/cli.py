@@ -34,6 +34,7 @@ class CPPOCLI(LightningCLI):
         parser.link_arguments("rollout.group_size", "model.group_size")
         parser.link_arguments("rollout.temperature", "model.temperature")
         parser.link_arguments("rollout.max_new_tokens", "model.max_new_tokens")
+        parser.link_arguments("rollout.generation_batch_size", "model.generation_batch_size")
         parser.link_arguments("model.model_name_or_path", "data.processor_name_or_path")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from cppo_lightning.detection import TokenSelector
@@ -50,15 +51,20 @@ def _is_fsdp(module: Any) -> bool:
 
 
 @contextlib.contextmanager
-def _full_parameters(module: Any) -> Iterator[None]:
-    """Under FSDP, gather the root's own (unwrapped) parameters for ``generate``, which does not
-    go through the root's forward; nested FSDP units gather theirs as they run."""
+def _full_parameters(module: Any, recurse: bool = False) -> Iterator[None]:
+    """Under FSDP, gather full parameters (a no-op otherwise). ``recurse=False`` gathers only the
+    root's own (unwrapped) ones, for ``generate``, which does not go through the root's forward
+    (nested FSDP units gather theirs as they run); ``recurse=True`` gathers everything on rank 0,
+    on the CPU, for saving."""
     if not _is_fsdp(module):
         yield
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    with FullyShardedDataParallel.summon_full_params(module, writeback=False, recurse=False):
+    options = {"rank0_only": True, "offload_to_cpu": True} if recurse else {}
+    with FullyShardedDataParallel.summon_full_params(
+        module, writeback=False, recurse=recurse, **options
+    ):
         yield
 
 
@@ -102,6 +108,8 @@ class CPPOModule(LightningModule):
             The default 1.0 with ``val_samples`` responses per prompt is the paper's avg@k
             protocol (avg@16 at temperature 1.0).
         val_samples: Responses sampled per held-out prompt; accuracy is their mean (avg@k).
+        generation_batch_size: Most responses per ``generate`` call in validation. Linked from
+            ``rollout.generation_batch_size``.
         optimizer: Optimizer factory; AdamW(lr=1e-6, weight_decay=0.0) when None.
         lr_scheduler: Optional scheduler factory, stepped after every optimizer step.
     """
@@ -132,6 +140,7 @@ class CPPOModule(LightningModule):
         max_new_tokens: int = 64,
         val_temperature: float = 1.0,
         val_samples: int = 4,
+        generation_batch_size: int | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -182,6 +191,7 @@ class CPPOModule(LightningModule):
                 f"val_samples={val_samples}, val_temperature={val_temperature}."
             )
         self.val_samples = val_samples
+        self.generation_batch_size = generation_batch_size
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         # Manual optimisation: one rollout batch makes several optimizer steps.
@@ -201,6 +211,12 @@ class CPPOModule(LightningModule):
         """Load policy, reference and processor (once; the trainer calls it under its strategy)."""
         if self.policy is not None:
             return
+        if self.lora is None and self.dtype_name in ("bfloat16", "float16"):
+            rank_zero_warn(
+                f"model.dtype={self.dtype_name} with full fine-tuning: AdamW updates smaller than "
+                f"{self.dtype_name}'s resolution (most of them at lr 1e-6) are lost. Use "
+                "model.dtype=float32 with trainer.precision=bf16-mixed, or LoRA."
+            )
         self.processor = load_processor(self.model_name_or_path)
         policy = load_policy(
             self.model_name_or_path,
@@ -333,6 +349,11 @@ class CPPOModule(LightningModule):
 
     def _generation_context(self) -> contextlib.AbstractContextManager[None]:
         return _full_parameters(self.trainer.strategy.model if self._trainer is not None else None)
+
+    def full_parameters(self) -> contextlib.AbstractContextManager[None]:
+        """Context in which rank 0 holds the full weights (FSDP); call it on every rank."""
+        wrapped = self.trainer.strategy.model if self._trainer is not None else None
+        return _full_parameters(wrapped, recurse=True)
 
     def set_rollout(self, rollout: RolloutBatch) -> None:
         """Hand over the rollout batch that the next ``training_step`` learns from."""
@@ -514,7 +535,8 @@ class CPPOModule(LightningModule):
         # Responses scored 0 because a reward function raised (cumulative, per term).
         for name, errors in getattr(self.reward, "total_errors", {}).items():
             metrics[f"rollout/reward_errors/{name}"] = float(errors)
-        # Averaged over ranks under DDP/FSDP, so the logged curve describes the whole batch.
+        # Averaged over ranks under DDP/FSDP, so the logged curve describes the whole batch. Every
+        # rank must log the same keys (each key is one all-reduce).
         self.log_dict(metrics, batch_size=rollout.num_responses, sync_dist=True)
         self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False)
         self.last_update = UpdateRecord(rollout, torch.cat(masks) if masks else None)
@@ -547,7 +569,11 @@ class CPPOModule(LightningModule):
                 self.processor,
                 batch,
                 self.reward,
-                Sampling(self.max_new_tokens, self.val_temperature),
+                Sampling(
+                    self.max_new_tokens,
+                    self.val_temperature,
+                    batch_size=self.generation_batch_size,
+                ),
                 group_size=self.val_samples,
                 suppress_token_ids=self.suppress_token_ids,
             )
@@ -570,7 +596,8 @@ class CPPOModule(LightningModule):
         for logger in self.loggers:
             logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.global_step)
         if not self.trainer.sanity_checking:
-            self.log_dict(metrics, logger=False)  # for callbacks (checkpoint monitors) and the bar
+            # Already global (torchmetrics syncs in compute); sync_dist only keeps ranks in step.
+            self.log_dict(metrics, logger=False, sync_dist=True)  # for callbacks and the bar
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

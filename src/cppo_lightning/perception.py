@@ -186,6 +186,7 @@ class ContrastivePerception(PerceptionObjective):
         }
         zero = batch.logp.sum() * 0.0  # keeps the graph, so backward works with nothing selected
         if rows.numel() == 0:
+            stats["entropy_shift"] = stats["token_fraction"] = torch.tensor(0.0)
             return PerceptionTerm(zero, {**stats, **_empty_stats()}, full_mask)
         ids, mask = batch.response_ids[rows], batch.response_mask[rows]  # [m, L]
         logits = batch.logits[rows]  # [m, L, V]
@@ -232,6 +233,7 @@ class ContrastivePerception(PerceptionObjective):
 
 
 def _empty_stats() -> dict[str, Tensor]:
+    # Every call reports the same keys: under DDP each rank logs (and all-reduces) every key.
     keys = ("cpl", "d_pos", "d_neg", "selected_tokens", "contrast_accuracy")
     return {key: torch.tensor(0.0) for key in keys}
 

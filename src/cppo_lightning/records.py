@@ -97,6 +97,22 @@ class PromptBatch(NamedTuple):
             index,
         )
 
+    def subset(self, index: torch.Tensor) -> PromptBatch:
+        """Prompts ``index`` only (for generating in chunks); views and images are dropped."""
+        rows = index.tolist()
+        return PromptBatch(
+            input_ids=self.input_ids[index],
+            attention_mask=self.attention_mask[index],
+            vision=self.select_vision(index),
+            vision_layout=self.vision_layout,
+            image_counts=self.image_counts[index],
+            mm_token_type_ids=(
+                self.mm_token_type_ids[index] if self.mm_token_type_ids is not None else None
+            ),
+            columns={name: [values[i] for i in rows] for name, values in self.columns.items()},
+            row_index=self.row_index[index] if self.row_index is not None else None,
+        )
+
     def first_image(self, prompt: int) -> int:
         """Position in ``images`` of the first image of ``prompt``."""
         return int(self.image_counts[:prompt].sum())

@@ -24,12 +24,15 @@ class Sampling:
         temperature: Sampling temperature; 0 decodes greedily.
         top_p: Nucleus sampling mass; 1.0 keeps the whole distribution.
         top_k: Top-k sampling; 0 keeps the whole vocabulary.
+        batch_size: Most responses per ``generate`` call (whole prompts, so at least one
+            prompt's G); all at once when None. Bounds the KV cache.
     """
 
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    batch_size: int | None = None
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of HF ``generate`` for this sampling."""
@@ -75,6 +78,32 @@ def generate_responses(
         responses of one prompt contiguous.
     """
     tokenizer = processor.tokenizer  # type: ignore[attr-defined]
+    per_call = max(1, (sampling.batch_size or 0) // num_samples) if sampling.batch_size else None
+    if per_call is not None and per_call < prompts.num_prompts:
+        index = torch.arange(prompts.num_prompts, device=prompts.input_ids.device)
+        pieces = [
+            generate_responses(
+                policy,
+                processor,
+                prompts.subset(chunk),
+                dataclasses.replace(sampling, batch_size=None),
+                num_samples=num_samples,
+                suppress_token_ids=suppress_token_ids,
+            )
+            for chunk in index.split(per_call)
+        ]
+        length = max(ids.shape[1] for ids, _ in pieces)
+        pad = tokenizer.pad_token_id
+        response_ids = torch.cat(
+            [
+                torch.nn.functional.pad(ids, (0, length - ids.shape[1]), value=pad)
+                for ids, _ in pieces
+            ]
+        )
+        response_mask = torch.cat(
+            [torch.nn.functional.pad(m, (0, length - m.shape[1]), value=0) for _, m in pieces]
+        )
+        return response_ids, response_mask
     eos_ids = _eos_token_ids(policy, tokenizer)
     inputs: dict[str, Any] = {
         "input_ids": prompts.input_ids,

@@ -68,3 +68,20 @@ def test_generate_suppresses_vision_tokens(tiny_policy, shapes_rows):
     )
     assert ids.shape[0] == 8 and mask.shape == ids.shape
     assert not torch.isin(ids, torch.tensor(suppressed_token_ids(processor))).any()
+
+
+def test_generating_in_chunks_gives_the_same_greedy_responses(tiny_policy, shapes_rows):
+    model, processor = tiny_policy
+    prompts = PromptCollator(processor, "Answer.")(shapes_rows[:5])
+    whole = generate_responses(
+        model, processor, prompts, Sampling(max_new_tokens=12, temperature=0.0), num_samples=1
+    )
+    chunked = generate_responses(
+        model,
+        processor,
+        prompts,
+        Sampling(max_new_tokens=12, temperature=0.0, batch_size=2),  # 2 prompts per call
+        num_samples=1,
+    )
+    assert torch.equal(whole[1], chunked[1])
+    assert torch.equal(whole[0][whole[1].bool()], chunked[0][chunked[1].bool()])

@@ -20,9 +20,13 @@ class ExportPolicy(pl.Callback):
         self.dirname = dirname
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not isinstance(pl_module, CPPOModule) or not trainer.is_global_zero:
+        if not isinstance(pl_module, CPPOModule):
             return
+        # Every rank takes part: log_dir is broadcast, and FSDP gathers the full weights.
         target = self.dirname
         if not os.path.isabs(target):
             target = os.path.join(trainer.log_dir or trainer.default_root_dir, target)
-        pl_module.save_pretrained(target)
+        with pl_module.full_parameters():
+            if trainer.is_global_zero:
+                pl_module.save_pretrained(target)
+        trainer.strategy.barrier("export")

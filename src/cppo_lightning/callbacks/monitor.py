@@ -46,14 +46,23 @@ def perception_word_labels(
     return labels
 
 
+def detection_counts(
+    selected: torch.Tensor, labels: torch.Tensor, pool: torch.Tensor
+) -> torch.Tensor:
+    """``[4]`` float: selected labelled tokens, selected tokens, labelled tokens of the pool, pool
+    tokens (sums, so that ranks can add them)."""
+    selected, labels, pool = selected.bool().cpu(), labels.bool().cpu(), pool.bool().cpu()
+    return torch.stack(
+        [(selected & labels).sum(), selected.sum(), (pool & labels).sum(), pool.sum()]
+    ).float()
+
+
 def detection_precision(
     selected: torch.Tensor, labels: torch.Tensor, pool: torch.Tensor
 ) -> tuple[float, float]:
     """(precision of the selected tokens, base rate of labelled tokens in the candidate pool)."""
-    selected, labels, pool = selected.bool().cpu(), labels.bool().cpu(), pool.bool().cpu()
-    precision = float((selected & labels).sum()) / max(int(selected.sum()), 1)
-    base_rate = float((pool & labels).sum()) / max(int(pool.sum()), 1)
-    return precision, base_rate
+    hits, chosen, labelled, candidates = detection_counts(selected, labels, pool).tolist()
+    return hits / max(chosen, 1.0), labelled / max(candidates, 1.0)
 
 
 class PerceptionMonitor(pl.Callback):
@@ -114,12 +123,17 @@ class PerceptionMonitor(pl.Callback):
             if selector is not None and selector.gate_advantages:
                 assert rollout.advantages is not None
                 pool &= (rollout.advantages > 0).cpu()[:, None]
-            precision, base_rate = detection_precision(record.perception_mask, labels, pool)
-            if record.perception_mask.any():
+            counts = detection_counts(record.perception_mask, labels, pool).to(pl_module.device)
+            # Summed over ranks on every rank (a collective must not depend on the data), then
+            # logged where something was selected anywhere.
+            hits, chosen, labelled, candidates = trainer.strategy.reduce(counts, reduce_op="sum")
+            if chosen > 0:
                 pl_module.log_dict(
-                    {"perception/precision": precision, "perception/base_rate": base_rate},
+                    {
+                        "perception/precision": float(hits / chosen),
+                        "perception/base_rate": float(labelled / candidates.clamp(min=1)),
+                    },
                     batch_size=rollout.num_responses,
-                    sync_dist=True,
                 )
         if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
             for logger in trainer.loggers:

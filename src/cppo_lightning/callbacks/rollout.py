@@ -22,6 +22,9 @@ class RolloutCallback(pl.Callback):
         temperature: Sampling temperature (> 0).
         top_p: Nucleus sampling mass; 1.0 keeps the whole distribution.
         top_k: Top-k sampling; 0 keeps the whole vocabulary.
+        generation_batch_size: Most responses per ``generate`` call (the prompts of a rollout
+            batch are generated in chunks of whole groups); all at once when None. Bounds the
+            KV cache: B x G x (prompt + max_new_tokens) positions otherwise.
     """
 
     def __init__(
@@ -31,6 +34,7 @@ class RolloutCallback(pl.Callback):
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
+        generation_batch_size: int | None = None,
     ) -> None:
         if group_size < 2:
             raise ValueError(
@@ -42,8 +46,13 @@ class RolloutCallback(pl.Callback):
             raise ValueError(f"rollout.temperature must be > 0 for RL sampling, got {temperature}.")
         if not 0 < top_p <= 1:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {top_p}.")
+        if generation_batch_size is not None and generation_batch_size < group_size:
+            raise ValueError(
+                f"rollout.generation_batch_size={generation_batch_size} is smaller than one "
+                f"group (rollout.group_size={group_size}): set it to a multiple of the group size."
+            )
         self.group_size = group_size
-        self.sampling = Sampling(max_new_tokens, temperature, top_p, top_k)
+        self.sampling = Sampling(max_new_tokens, temperature, top_p, top_k, generation_batch_size)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -1,0 +1,40 @@
+"""Two DDP processes on CPU (gloo) run the CPPO default for two steps: every rank must issue the
+same collectives (logged keys, detection counts), whatever its own data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_cppo_trains_under_ddp_on_two_cpu_processes(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "cppo_lightning.cli",
+        "fit",
+        "--config",
+        str(REPO / "configs" / "base.yaml"),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--data.batch_size=2",
+        "--data.dataset.init_args.num_train=16",
+        "--data.dataset.init_args.num_val=4",
+        "--rollout.max_new_tokens=16",
+        "--model.val_samples=1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A rank waiting on a collective the other never issues would hang: bound it.
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "`Trainer.fit` stopped: `max_steps=2` reached." in result.stderr + result.stdout
+    assert list(tmp_path.rglob("hf_policy/config.json")), "rank 0 did not export the policy"
