@@ -22,15 +22,70 @@ def _instantiate(*args: str):  # type: ignore[no-untyped-def]
     return main(["--config", str(BASE), *args, "--trainer.logger=false"], run=False)
 
 
+# Hub checkpoints named by configs/models and configs/paper -> the tiny family that stands in
+# for them offline (same model class, built from a config with random weights).
+_TINY_FOR = {
+    "Qwen/Qwen2-VL": "qwen2_vl",
+    "Qwen/Qwen2.5-VL": "qwen2_5_vl",
+    "Qwen/Qwen3-VL": "qwen3_vl",
+    "HuggingFaceTB/SmolVLM": "idefics3",
+    "llava-hf/llava-1.5": "llava",
+}
+
+
+def _stack(path: Path) -> list[Path]:
+    """The configs a file is documented to be stacked on, then the file itself."""
+    if path == BASE:
+        return [BASE]
+    if path.parent.name == "paper" and path.name != "virl39k.yaml":
+        return [BASE, path.parent / "virl39k.yaml", path]
+    return [BASE, path]
+
+
+@pytest.fixture(scope="module")
+def tiny_families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.helpers.tiny_families import FAMILIES, build_tiny_family
+
+    root = tmp_path_factory.mktemp("tiny-families")
+    return {family: build_tiny_family(family, root / family) for family in FAMILIES}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
-def test_every_config_parses_and_instantiates(path: Path):
-    overlay = [] if path == BASE else ["--config", str(path)]
-    cli = _instantiate(*overlay)
+def test_every_config_parses_and_instantiates(path: Path, tiny_families):
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    merged: dict = {}
+    for config in _stack(path):
+        for key, value in (yaml.safe_load(config.read_text()) or {}).items():
+            merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    args = [arg for config in _stack(path)[1:] for arg in ("--config", str(config))]
+    name = merged["model"]["model_name_or_path"]
+    if not name.startswith("builtin:"):  # a hub model: its tiny stand-in of the same class
+        family = next(tiny for prefix, tiny in _TINY_FOR.items() if name.startswith(prefix))
+        args.append(f"--model.model_name_or_path={tiny_families[family]}")
+    strategy = merged["trainer"].get("strategy")
+    if merged["trainer"].get("accelerator") == "gpu":
+        # No GPU here: the trainer runs on CPU, and the GPU strategy is built on its own.
+        args += ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
+        if isinstance(strategy, dict):
+            parser = ArgumentParser()
+            parser.add_argument("--strategy", type=Strategy)
+            built = parser.instantiate(parser.parse_object({"strategy": strategy})).strategy
+            assert type(built).__name__ == strategy["class_path"].rsplit(".", 1)[1]
+    cli = _instantiate(*args)
     assert isinstance(cli.model, CPPOModule)
     assert isinstance(cli.datamodule, VisionLanguageDataModule)
     assert any(isinstance(cb, RolloutCallback) for cb in cli.trainer.callbacks)
     cli.model.configure_model()
     assert cli.model.policy is not None
+    if cli.model.lora is not None:
+        assert cli.model.reference is None and any(
+            "lora_" in n for n, p in cli.model.policy.named_parameters() if p.requires_grad
+        )
+    batch_size, mini = cli.datamodule.batch_size, cli.model.mini_batch_size
+    assert mini is None or batch_size % mini == 0, "data.batch_size must split into mini-batches"
 
 
 def test_linked_values_have_one_source():
