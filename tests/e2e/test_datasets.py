@@ -171,3 +171,20 @@ def test_multi_image_rows_are_dropped_for_a_single_image_family(tmp_path):
     )
     module.setup("fit")
     assert module.reports["train"]["multi-image row (LLaVA takes one image per prompt)"] == 1
+
+
+def test_an_image_folder_with_metadata(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with (folder / "metadata.jsonl").open("w") as handle:
+        for i in range(3):
+            _image(folder / f"{i}.png", (10 * i, 0, 0))
+            handle.write(json.dumps({"file_name": f"{i}.png", "question": "Q?", "answer": str(i)}))
+            handle.write("\n")
+    split = DatasetSpec(path=str(folder)).load()
+    assert len(split) == 3 and {"image", "question", "answer"} <= set(split.column_names)
+    module = VisionLanguageDataModule(
+        dataset=HFDataset(train=DatasetSpec(path=str(folder)), validation_size=1), batch_size=1
+    )
+    module.setup("fit")
+    assert module.reports["train"].kept == 2 and module.reports["validation"].kept == 1
