@@ -59,6 +59,7 @@ from cppo_lightning.families import (
     Qwen2VLImageProcessor,
     Qwen3VLImageProcessor,
 )
+from cppo_lightning.tiny import SPECIAL_TOKENS
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "llava")
 
@@ -73,16 +74,7 @@ VOCAB_SIZE = 512
 # Tokenizers
 # ---------------------------------------------------------------------------------------------
 
-QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+QWEN_SPECIAL_TOKENS = SPECIAL_TOKENS  # the embedded model's, from cppo_lightning.tiny
 IDEFICS3_SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -291,13 +283,18 @@ def _qwen_tokenizer(chat_template: str) -> PreTrainedTokenizerFast:
     )
 
 
-def _build_qwen2_vl() -> Built:
-    tokenizer = _qwen_tokenizer(QWEN2_CHAT_TEMPLATE)
+def _qwen2_image_processor() -> Qwen2VLImageProcessorPil:
     # 14-pixel patches merged 2 x 2: 112 x 112 -> 8 x 8 patches -> 16 tokens.
-    image_processor = Qwen2VLImageProcessorPil(
+    return Qwen2VLImageProcessorPil(
         min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2
     )
-    processor = Qwen2VLImageProcessor(image_processor, tokenizer, chat_template=QWEN2_CHAT_TEMPLATE)
+
+
+def _build_qwen2_vl() -> Built:
+    tokenizer = _qwen_tokenizer(QWEN2_CHAT_TEMPLATE)
+    processor = Qwen2VLImageProcessor(
+        _qwen2_image_processor(), tokenizer, chat_template=QWEN2_CHAT_TEMPLATE
+    )
     config = Qwen2VLConfig(
         text_config=_qwen_text_config(tokenizer, [2, 3, 3]),
         vision_config={
@@ -317,11 +314,8 @@ def _build_qwen2_vl() -> Built:
 
 def _build_qwen2_5_vl() -> Built:
     tokenizer = _qwen_tokenizer(QWEN2_CHAT_TEMPLATE)
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2
-    )
     processor = Qwen2_5_VLImageProcessor(
-        image_processor, tokenizer, chat_template=QWEN2_CHAT_TEMPLATE
+        _qwen2_image_processor(), tokenizer, chat_template=QWEN2_CHAT_TEMPLATE
     )
     config = Qwen2_5_VLConfig(
         text_config=_qwen_text_config(tokenizer, [2, 3, 3]),
