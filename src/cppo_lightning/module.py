@@ -227,12 +227,12 @@ class CPPOModule(LightningModule):
             activation_checkpointing=self.activation_checkpointing,
         )
         if self.lora is not None:
-            frozen = model_family(self.model_name_or_path)
+            family = model_family(self.model_name_or_path)
             self.policy = apply_lora(
                 policy,
                 self.lora,
-                exclude=(frozen.vision_tower if self.freeze_vision_tower else ())
-                + (frozen.projector if self.freeze_projector else ()),
+                exclude=(family.vision_tower if self.freeze_vision_tower else ())
+                + (family.projector if self.freeze_projector else ()),
             )
         else:
             self.policy = policy

@@ -197,6 +197,25 @@ def accuracy_reward(completions: Sequence[str], *, answer: Sequence[Any], **_: A
     return scores
 
 
+def exact_match_reward(
+    completions: Sequence[str], *, answer: Sequence[Any], **_: Any
+) -> list[float]:
+    r"""1.0 where the last ``\boxed{}`` of a response equals ``answer`` after
+    :func:`normalize_answer` (trimmed, lower case, spaces removed), else 0.0.
+
+    The grader of the synthetic task (short words and integers), under which its published
+    figures were measured. :func:`accuracy_reward` is more lenient: of 2048 responses the embedded
+    model samples, it grades one differently (``\boxed{total. So 01}`` counts as ``1``).
+    """
+    scores = []
+    for text, truth in zip(completions, answer, strict=True):
+        boxed = extract_boxed(text)
+        scores.append(
+            float(boxed is not None and normalize_answer(boxed) == normalize_answer(str(truth)))
+        )
+    return scores
+
+
 def format_reward(completions: Sequence[str], **_: Any) -> list[float]:
     r"""1.0 where the whole response matches ``<think>.*</think>.*\boxed{.*}.*``, else 0.0."""
     return [float(_FORMAT.match(text.strip()) is not None) for text in completions]

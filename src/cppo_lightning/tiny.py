@@ -24,7 +24,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from cppo_lightning.data.datamodule import PromptCollator
 from cppo_lightning.data.synthetic import INSTRUCTION, corpus
 from cppo_lightning.policy import Qwen2_5_VLImageProcessor, suppressed_token_ids
-from cppo_lightning.rewards import accuracy_reward
+from cppo_lightning.rewards import exact_match_reward
 from cppo_lightning.rollout import Sampling, decode_responses, generate_responses
 
 SPECIAL_TOKENS = (
@@ -219,5 +219,5 @@ def heldout_accuracy(
         )
         texts = decode_responses(processor, ids, mask)
         answers = [r["answer"] for r in rows for _ in range(samples)]
-        correct += sum(accuracy_reward(texts, answer=answers))
+        correct += sum(exact_match_reward(texts, answer=answers))
     return correct / (len(dataset) * samples)

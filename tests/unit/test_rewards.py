@@ -258,3 +258,12 @@ def test_errors_reset_on_a_clean_call():
     _, terms = reward(["a", "b"], {"answer": ["a", "a"]})
     assert terms["flaky"].tolist() == [1.0, 0.0]
     assert reward.last_errors == {"flaky": 0} and reward.total_errors == {"flaky": 1}
+
+
+def test_exact_match_reward_compares_normalised_text_only():
+    from cppo_lightning.rewards import exact_match_reward
+
+    completions = ["<think>.</think>\\boxed{ Red }", "\\boxed{total. So 01}", "\\boxed{3.0}", "3"]
+    assert exact_match_reward(completions, answer=["red", "1", "3", "3"]) == [1.0, 0.0, 0.0, 0.0]
+    # math-verify grades the second and third as correct.
+    assert accuracy_reward(completions[1:3], answer=["1", "3"]) == [1.0, 1.0]

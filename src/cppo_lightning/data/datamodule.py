@@ -113,9 +113,9 @@ class PromptCollator:
     def prompt(self, row: dict[str, Any], num_images: int) -> str:
         return format_prompt(self.processor, row["question"], self.instruction, num_images)
 
-    def prompt_length(self, row: dict[str, Any]) -> int:
-        """Tokens of the row's prompt, image tokens included."""
-        images = self.images(row)
+    def prompt_length(self, row: dict[str, Any], images: list[Image.Image] | None = None) -> int:
+        """Tokens of the row's prompt, image tokens included (``images``: the row's, decoded)."""
+        images = self.images(row) if images is None else images
         encoded = self.processor(
             text=[self.prompt(row, len(images))],
             images=[images] if self.family.nested_images else images,
@@ -378,7 +378,7 @@ class VisionLanguageDataModule(pl.LightningDataModule):
                 return f"multi-image row ({family.name} takes one image per prompt)"
             if max_images is not None and len(images) > max_images:
                 return f"more than {max_images} image(s) (data.max_images)"
-            if max_length is not None and collator.prompt_length(row) > max_length:
+            if max_length is not None and collator.prompt_length(row, images) > max_length:
                 return f"prompt longer than {max_length} tokens (data.max_prompt_length)"
             return None
 

@@ -73,7 +73,7 @@ class DatasetSpec:
                     revision=self.revision,
                 )
             except ValueError as error:
-                if "Unknown split" in str(error) or "split" in str(error).lower():
+                if "split" in str(error).lower() and self.split in str(error):
                     raise ValueError(
                         f"{self.path!r} has no split {self.split!r} ({error}): set the spec's "
                         "`split`."
