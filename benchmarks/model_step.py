@@ -191,7 +191,8 @@ def main() -> None:
     print("|---|---|---|---|---:|---:|---:|---:|")
     peak = f"{result['peak_gib']:.1f}" if result["peak_gib"] is not None else "n/a"
     r, u = statistics.median(rollout), statistics.median(update)
-    mode = "LoRA r64, bf16 base" if args.lora else "full, fp32 master + bf16 autocast"
+    autocast = " + bf16 autocast" if args.accelerator != "cpu" else ""
+    mode = ("LoRA r64, bf16 base" if args.lora else "full, fp32 master") + autocast
     shape = f"{args.prompts} x {args.group_size} x {args.response_tokens}"
     print(f"| Qwen2.5-VL-{args.size} | {mode} | {device} | {shape} | {r:.2f} | {u:.2f} | "
           f"{r + u:.2f} | {peak} |")  # fmt: skip
