@@ -51,21 +51,21 @@ def _is_fsdp(module: Any) -> bool:
 
 
 @contextlib.contextmanager
-def _full_parameters(module: Any, recurse: bool = False) -> Iterator[None]:
-    """Under FSDP, gather full parameters (a no-op otherwise). ``recurse=False`` gathers only the
-    root's own (unwrapped) ones, for ``generate``, which does not go through the root's forward
-    (nested FSDP units gather theirs as they run); ``recurse=True`` gathers everything on rank 0,
-    on the CPU, for saving."""
+def _root_parameters(module: Any) -> Iterator[None]:
+    """Under FSDP, gather the root's own (unwrapped) parameters for ``generate``, which does not
+    go through the root's forward; nested FSDP units gather theirs as they run. A no-op
+    otherwise."""
     if not _is_fsdp(module):
         yield
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    options = {"rank0_only": True, "offload_to_cpu": True} if recurse else {}
-    with FullyShardedDataParallel.summon_full_params(
-        module, writeback=False, recurse=recurse, **options
-    ):
+    with FullyShardedDataParallel.summon_full_params(module, writeback=False, recurse=False):
         yield
+
+
+# Wrapper names FSDP and activation checkpointing insert into parameter names.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 class CPPOModule(LightningModule):
@@ -348,12 +348,12 @@ class CPPOModule(LightningModule):
             self.policy.train(was_training)
 
     def _generation_context(self) -> contextlib.AbstractContextManager[None]:
-        return _full_parameters(self.trainer.strategy.model if self._trainer is not None else None)
+        return _root_parameters(self.trainer.strategy.model if self._trainer is not None else None)
 
-    def full_parameters(self) -> contextlib.AbstractContextManager[None]:
-        """Context in which rank 0 holds the full weights (FSDP); call it on every rank."""
-        wrapped = self.trainer.strategy.model if self._trainer is not None else None
-        return _full_parameters(wrapped, recurse=True)
+    @property
+    def sharded(self) -> bool:
+        """Whether the trainer wrapped this module with FSDP."""
+        return self._trainer is not None and _is_fsdp(self.trainer.strategy.model)
 
     def set_rollout(self, rollout: RolloutBatch) -> None:
         """Hand over the rollout batch that the next ``training_step`` learns from."""
@@ -620,7 +620,13 @@ class CPPOModule(LightningModule):
 
     def _trainable_keys(self) -> set[str]:
         assert self.policy is not None, "configure_model() has not run"
-        return {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+        names = set()
+        for name, parameter in self.policy.named_parameters():
+            if parameter.requires_grad:
+                for prefix in _WRAPPER_PREFIXES:  # state-dict keys carry no wrapper names
+                    name = name.replace(prefix, "")
+                names.add(f"policy.{name}")
+        return names
 
     def save_pretrained(self, directory: str) -> None:
         """Write the policy (LoRA merged) and its processor as a standalone Hugging Face

@@ -120,3 +120,18 @@ def test_fp16_precision_is_refused_with_the_alternative():
         module.on_fit_start()
     module.trainer = SimpleNamespace(precision="bf16-mixed", datamodule=None)  # type: ignore[assignment]
     module.on_fit_start()
+
+
+def test_checkpoint_keys_match_parameters_behind_wrappers(tiny_model_dir):
+    # FSDP and activation-checkpoint wrappers add names to named_parameters() that state-dict
+    # keys do not carry: the trainable-weight filter must see through them.
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    module = _module(tiny_model_dir)
+    layers = module.policy.model.language_model.layers
+    layers[0] = checkpoint_wrapper(layers[0])
+    assert any("_checkpoint_wrapped_module" in n for n, _ in module.policy.named_parameters())
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert any(".layers.0." in key for key in checkpoint["state_dict"])
+    assert set(checkpoint["state_dict"]) == module._trainable_keys()

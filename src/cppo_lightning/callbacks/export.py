@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 
 from cppo_lightning.module import CPPOModule
 
@@ -22,11 +23,17 @@ class ExportPolicy(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not isinstance(pl_module, CPPOModule):
             return
-        # Every rank takes part: log_dir is broadcast, and FSDP gathers the full weights.
+        if pl_module.sharded:
+            # Gathering and merging sharded weights here is untested: export from the checkpoint.
+            rank_zero_warn(
+                "ExportPolicy skipped under FSDP: export the checkpoint instead with "
+                "`cppo export <log_dir>/checkpoints/last.ckpt <output>`."
+            )
+            return
+        # Every rank reads log_dir (a broadcast); rank 0 writes.
         target = self.dirname
         if not os.path.isabs(target):
             target = os.path.join(trainer.log_dir or trainer.default_root_dir, target)
-        with pl_module.full_parameters():
-            if trainer.is_global_zero:
-                pl_module.save_pretrained(target)
+        if trainer.is_global_zero:
+            pl_module.save_pretrained(target)
         trainer.strategy.barrier("export")
