@@ -1,5 +1,6 @@
 """Two DDP processes on CPU (gloo) run the CPPO default for two steps: every rank must issue the
-same collectives (logged keys, detection counts), whatever its own data."""
+same collectives (logged keys, detection counts), whatever its own data, and the ranks must end
+with the same weights."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ def test_cppo_trains_under_ddp_on_two_cpu_processes(tmp_path):
         "--data.dataset.init_args.num_val=4",
         "--rollout.max_new_tokens=16",
         "--model.val_samples=1",
+        "--model.micro_batch_size=3",  # several backward passes per optimizer step
+        "--trainer.callbacks+=tests.helpers.checksum.WriteParameterChecksum",
+        f"--trainer.callbacks.directory={tmp_path / 'checksums'}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # A rank waiting on a collective the other never issues would hang: bound it.
@@ -38,3 +42,6 @@ def test_cppo_trains_under_ddp_on_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=2` reached." in result.stderr + result.stdout
     assert list(tmp_path.rglob("hf_policy/config.json")), "rank 0 did not export the policy"
+    # Gradients are averaged over ranks, so both hold the same weights after the updates.
+    sums = [(tmp_path / "checksums" / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert sums[0] == sums[1], sums
