@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
@@ -515,9 +516,10 @@ class CPPOModule(LightningModule):
         for mini in self._mini_batches(rollout):
             optimizer.zero_grad()
             micros = list(self._micro_batches(mini))
-            for micro in micros:
-                loss, stats, perception_mask = self.compute_loss(rollout, micro)
-                self.manual_backward(loss / len(micros))
+            for i, micro in enumerate(micros):
+                with self._gradient_sync(last=i == len(micros) - 1):
+                    loss, stats, perception_mask = self.compute_loss(rollout, micro)
+                    self.manual_backward(loss / len(micros))
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
                 count += 1
@@ -540,6 +542,14 @@ class CPPOModule(LightningModule):
         self.log_dict(metrics, batch_size=rollout.num_responses, sync_dist=True)
         self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False)
         self.last_update = UpdateRecord(rollout, torch.cat(masks) if masks else None)
+
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Under DDP, gradients are all-reduced once per optimizer step, in the last
+        micro-batch's backward; the others accumulate locally (no-op on other strategies)."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if last or not isinstance(strategy, ParallelStrategy):
+            return contextlib.nullcontext()
+        return strategy.block_backward_sync()
 
     def _clip_gradients(self) -> float:
         wrapped = self.trainer.strategy.model if self._trainer is not None else None
