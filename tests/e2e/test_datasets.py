@@ -188,3 +188,56 @@ def test_an_image_folder_with_metadata(tmp_path):
     )
     module.setup("fit")
     assert module.reports["train"].kept == 2 and module.reports["validation"].kept == 1
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_a_cppo_step_on_prompts_with_one_and_two_images(family, tmp_path):
+    from tests.helpers.tiny_families import build_tiny_family
+
+    model_dir = build_tiny_family(family, tmp_path / family)
+    images = tmp_path / "images"
+    rows = []
+    for i in range(8):
+        paths = [_image(images / f"{i}-{k}.png", (20 * i, 40 * k, 90)) for k in range(1 + i % 2)]
+        question = " ".join(["<image>"] * len(paths)) + f" How many shapes are there in {i}?"
+        rows.append({"question": question, "answer": str(i), "images": paths})
+    path = tmp_path / "mixed.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    overlay = {
+        "data": {
+            "dataset": {
+                "class_path": "cppo_lightning.data.HFDataset",
+                "init_args": {"train": {"path": str(path)}, "validation_size": 2},
+            },
+            "batch_size": 6,
+        }
+    }
+    config = tmp_path / "mixed.yaml"
+    config.write_text(yaml.safe_dump(overlay))
+    cli = main(
+        [
+            "fit",
+            "--config",
+            BASE,
+            "--config",
+            str(config),
+            f"--model.model_name_or_path={model_dir}",
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+            "--trainer.max_steps=1",
+            "--trainer.val_check_interval=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks=[]",
+            "--rollout.max_new_tokens=8",
+            "--model.val_samples=1",
+            "--model.micro_batch_size=5",  # micro-batches cut across prompts with 1 and 2 images
+            "--model.reward.init_args.functions={length: tests.helpers.rewards.length_reward}",
+            "--model.reward.init_args.weights={length: 1.0}",
+        ]
+    )
+    record = cli.model.last_update
+    assert record is not None and record.perception_mask is not None
+    prompts = record.rollout.prompts
+    assert sorted(set(prompts.image_counts.tolist())) == [1, 2]
+    assert prompts.views is not None and len(prompts.views.removing) == sum(
+        prompts.image_counts.tolist()
+    )
