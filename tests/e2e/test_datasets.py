@@ -241,3 +241,29 @@ def test_a_cppo_step_on_prompts_with_one_and_two_images(family, tmp_path):
     assert prompts.views is not None and len(prompts.views.removing) == sum(
         prompts.image_counts.tolist()
     )
+
+
+def test_prepare_data_checks_file_rows_once_for_every_rank(tmp_path, monkeypatch):
+    import cppo_lightning.data.datamodule as datamodule
+
+    calls = []
+    original = datamodule.row_images
+    monkeypatch.setattr(datamodule, "row_images", lambda *args: calls.append(1) or original(*args))
+    source = HFDataset(
+        train=DatasetSpec(path=str(_virl39k(tmp_path))),
+        validation=DatasetSpec(path=str(_geometry3k_jsonl(tmp_path))),
+    )
+    settings = {"dataset": source, "max_prompt_length": 256, "max_images": 1}
+    VisionLanguageDataModule(**settings).prepare_data()  # once per node
+    checked = len(calls)
+    assert checked == 12 + 4
+    other_rank = VisionLanguageDataModule(**settings)
+    other_rank.setup("fit")  # reads the cached check
+    assert len(calls) == checked
+    assert dict(other_rank.reports["train"]) == {
+        "unreadable image": 2,
+        "more than 1 image(s) (data.max_images)": 1,
+        "prompt longer than 256 tokens (data.max_prompt_length)": 1,
+    }
+    VisionLanguageDataModule(**{**settings, "max_prompt_length": 1000}).setup("fit")
+    assert len(calls) == checked + 12 + 4  # other settings: checked again

@@ -51,6 +51,7 @@ class DatasetSource(Protocol):
 
 
 ROW_INDEX = "__row_index__"
+SPLITS = ("train", "validation")
 
 
 class _IndexedRows(Dataset):
@@ -312,7 +313,7 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         }
         checker = PromptCollator(processor, self.instruction, "image", **settings)
         loaded = self.source.load()
-        for split in ("train", "validation"):
+        for split in SPLITS:
             if split not in loaded:
                 raise ValueError(
                     f"data.dataset returned splits {list(loaded)}; "
@@ -320,7 +321,11 @@ class VisionLanguageDataModule(pl.LightningDataModule):
                 )
             ds = self._canonical(loaded[split], split)
             ds, report = prepare_split(
-                ds, split, self._row_check(checker, family), self.preprocess_workers
+                ds,
+                split,
+                self._row_check(checker, family),
+                self.preprocess_workers,
+                settings=self._check_settings(split, processor),
             )
             if len(ds) == 0:
                 raise ValueError(
@@ -343,6 +348,49 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         )
         # Held-out batches never get views: no need to carry their images as tensors.
         self.val_collate = PromptCollator(processor, self.instruction, "image", **settings)
+
+    def prepare_data(self) -> None:
+        # Once per node, before setup on every rank: run the row check of file and hub datasets
+        # so that the ranks' setup reads its cached result instead of each checking every row.
+        loaded = self.source.load()
+        if not all(split in loaded and loaded[split].cache_files for split in SPLITS):
+            return  # in-memory data (the synthetic task): nothing to cache, setup checks it
+        processor = load_processor(self.processor_name_or_path)
+        family = model_family(self.processor_name_or_path)
+        checker = PromptCollator(
+            processor,
+            self.instruction,
+            "image",
+            family=family,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+        )
+        for split in SPLITS:
+            prepare_split(
+                self._canonical(loaded[split], split),
+                split,
+                self._row_check(checker, family),
+                self.preprocess_workers,
+                settings=self._check_settings(split, processor),
+            )
+
+    def _check_settings(self, split: str, processor: Any) -> tuple[Any, ...]:
+        """Everything the row check of ``split`` depends on (its cache key, with the data)."""
+        tokenizer = processor.tokenizer
+        return (
+            split,
+            type(processor).__name__,
+            processor.image_processor.to_json_string(),
+            tokenizer.name_or_path,
+            len(tokenizer),
+            getattr(processor, "chat_template", None),
+            self.instruction,
+            self.min_pixels,
+            self.max_pixels,
+            self.max_prompt_length,
+            self.max_images,
+            (self.question_column, self.answer_column, self.image_column),
+        )
 
     def _canonical(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
         """Rename the question/answer/image columns to ``question``/``answer``/``image``."""

@@ -103,14 +103,23 @@ def _absolute_image_paths(dataset: datasets.Dataset, root: str | None) -> datase
     if not columns:
         return dataset
 
-    def absolute(value: Any) -> Any:
-        if isinstance(value, str) and value and not os.path.isabs(value):
-            return os.path.join(root, value)
-        if isinstance(value, list):
-            return [absolute(v) for v in value]
-        return value
+    # A module-level function with keyword arguments, so that datasets can fingerprint the
+    # step (a lambda gets a random fingerprint and defeats every cache after it).
+    return dataset.map(
+        _absolute_row, fn_kwargs={"columns": columns, "root": root}, desc="image paths"
+    )
 
-    return dataset.map(lambda row: {c: absolute(row[c]) for c in columns}, desc="image paths")
+
+def _absolute(value: Any, root: str) -> Any:
+    if isinstance(value, str) and value and not os.path.isabs(value):
+        return os.path.join(root, value)
+    if isinstance(value, list):
+        return [_absolute(v, root) for v in value]
+    return value
+
+
+def _absolute_row(row: dict[str, Any], columns: list[str], root: str) -> dict[str, Any]:
+    return {column: _absolute(row[column], root) for column in columns}
 
 
 def _is_path_column(name: str, feature: Any) -> bool:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import datasets
+from datasets.fingerprint import Hasher
 from PIL import Image
 
 # The paper's prompt format (reasoning in <think>, answer in \boxed{}), worded as in the
@@ -143,17 +144,25 @@ def prepare_split(
     split: str,
     check: Callable[[dict[str, Any]], str | None],
     num_proc: int | None = None,
+    settings: Any = None,
 ) -> tuple[datasets.Dataset, DropReport]:
     """Drop the rows for which ``check(row)`` names a reason; count the reasons.
 
     ``check`` returns None to keep a row (it decodes the images and, if asked, counts the
-    prompt's tokens). Runs through ``datasets.map``, so hub and file datasets cache the result.
+    prompt's tokens). Runs through ``datasets.map``. For datasets read from files or the hub,
+    the result is cached under a fingerprint of the dataset and ``settings`` (everything
+    ``check`` depends on), so a second call with the same ones, e.g. on another rank after
+    ``prepare_data``, or on a restart, reads the cache instead of checking again.
     """
     report = DropReport(split, len(dataset))
+    fingerprint = None
+    if settings is not None:
+        fingerprint = Hasher.hash((dataset._fingerprint, "cppo-row-check-v1", settings))
     marked = dataset.map(
         lambda row: {"__drop__": check(row) or ""},
         num_proc=num_proc if num_proc and num_proc > 1 else None,
         desc=f"checking {split} rows",
+        new_fingerprint=fingerprint,
     )
     reasons = marked["__drop__"]
     report.update(reason for reason in reasons if reason)
