@@ -112,14 +112,14 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="Idefics3/SmolVLM",
-        model_types=("idefics3", "smolvlm"),
+        model_types=("idefics3",),  # SmolVLM (v1) checkpoints are idefics3 models
         processor_class=None,
         image_keys={"pixel_values": "prompt", "pixel_attention_mask": "prompt"},
         multi_image=True,
         nested_images=True,
         vision_tower=("model.vision_model",),
         projector=("model.connector",),
-        processor_names=("Idefics3Processor", "SmolVLMProcessor"),
+        processor_names=("Idefics3Processor",),
     ),
     Family(
         name="LLaVA",
