@@ -66,6 +66,29 @@ def _geometry3k_jsonl(root: Path) -> Path:
     return path
 
 
+def _one_step(tmp_path: Path, overlay: dict, *extra: str):  # type: ignore[no-untyped-def]
+    """One CPPO step of the base config with ``overlay`` (a YAML mapping) stacked on it."""
+    config = tmp_path / "overlay.yaml"
+    config.write_text(yaml.safe_dump(overlay))
+    return main(
+        [
+            "fit",
+            "--config",
+            BASE,
+            "--config",
+            str(config),
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+            "--trainer.max_steps=1",
+            "--trainer.val_check_interval=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks=[]",
+            "--rollout.max_new_tokens=8",
+            "--model.val_samples=1",
+            *extra,
+        ]
+    )
+
+
 def test_virl39k_rows_are_checked_and_counted(tmp_path):
     source = HFDataset(
         train=DatasetSpec(path=str(_virl39k(tmp_path))),
@@ -137,24 +160,7 @@ def test_a_cppo_step_from_virl39k_and_geometry3k_files(tmp_path):
             "batch_size": 2,
         }
     }
-    config = tmp_path / "files.yaml"
-    config.write_text(yaml.safe_dump(overlay))
-    cli = main(
-        [
-            "fit",
-            "--config",
-            BASE,
-            "--config",
-            str(config),
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-            "--trainer.max_steps=1",
-            "--trainer.val_check_interval=1",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.callbacks=[]",
-            "--rollout.max_new_tokens=8",
-            "--model.val_samples=1",
-        ]
-    )
+    cli = _one_step(tmp_path, overlay)
     assert cli.model.global_step == 1
     report = json.loads((Path(cli.trainer.log_dir) / "data_report.json").read_text())
     assert report["train"]["kept"] == 8 and report["train"]["rows"] == 12
@@ -212,27 +218,13 @@ def test_a_cppo_step_on_prompts_with_one_and_two_images(family, tmp_path):
             "batch_size": 6,
         }
     }
-    config = tmp_path / "mixed.yaml"
-    config.write_text(yaml.safe_dump(overlay))
-    cli = main(
-        [
-            "fit",
-            "--config",
-            BASE,
-            "--config",
-            str(config),
-            f"--model.model_name_or_path={model_dir}",
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-            "--trainer.max_steps=1",
-            "--trainer.val_check_interval=1",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.callbacks=[]",
-            "--rollout.max_new_tokens=8",
-            "--model.val_samples=1",
-            "--model.micro_batch_size=5",  # micro-batches cut across prompts with 1 and 2 images
-            "--model.reward.init_args.functions={length: tests.helpers.rewards.length_reward}",
-            "--model.reward.init_args.weights={length: 1.0}",
-        ]
+    cli = _one_step(
+        tmp_path,
+        overlay,
+        f"--model.model_name_or_path={model_dir}",
+        "--model.micro_batch_size=5",  # micro-batches cut across prompts with 1 and 2 images
+        "--model.reward.init_args.functions={length: tests.helpers.rewards.length_reward}",
+        "--model.reward.init_args.weights={length: 1.0}",
     )
     record = cli.model.last_update
     assert record is not None and record.perception_mask is not None
