@@ -88,7 +88,15 @@ def _draw_noise_seeds(batch_size: int, same_on_batch: bool, device: Any) -> Tens
     return seeds.expand(batch_size).clone() if same_on_batch else seeds
 
 
-class _OcclusionGenerator(RandomGeneratorBase):
+class _TorchDrawGenerator(RandomGeneratorBase):
+    """Base of this module's parameter generators: they draw with plain ``torch.rand`` in
+    ``forward`` (see :func:`_draw_uniform`), so kornia's sampler set-up has nothing to build."""
+
+    def make_samplers(self, device: torch.device, dtype: torch.dtype) -> None:
+        return None
+
+
+class _OcclusionGenerator(_TorchDrawGenerator):
     """Draw the rectangles and noise seeds of :class:`RandomOcclusion`.
 
     Returns ``ys``, ``xs``, ``heights``, ``widths`` (int64, ``(B, N)``; the half-open pixel
@@ -102,10 +110,6 @@ class _OcclusionGenerator(RandomGeneratorBase):
 
     def __repr__(self) -> str:
         return f"num_rectangles={self.num_rectangles}, scale={self.scale}"
-
-    def make_samplers(self, device: torch.device, dtype: torch.dtype) -> None:
-        # Plain torch.rand draws in forward; nothing to build.
-        return None
 
     def forward(
         self, batch_shape: tuple[int, ...], same_on_batch: bool = False
@@ -224,7 +228,7 @@ class RandomOcclusion(IntensityAugmentationBase2D):
         return torch.where(mask, noise, input)
 
 
-class _ZoomCropGenerator(RandomGeneratorBase):
+class _ZoomCropGenerator(_TorchDrawGenerator):
     """Draw the crop of :class:`ZoomCrop`.
 
     Returns ``scale`` (``(B,)``, the side fraction ``f``) and ``x0``, ``y0`` (``(B,)``, the crop's
@@ -237,9 +241,6 @@ class _ZoomCropGenerator(RandomGeneratorBase):
 
     def __repr__(self) -> str:
         return f"scale={self.scale}"
-
-    def make_samplers(self, device: torch.device, dtype: torch.dtype) -> None:
-        return None
 
     def forward(
         self, batch_shape: tuple[int, ...], same_on_batch: bool = False
@@ -336,7 +337,7 @@ class ZoomCrop(GeometricAugmentationBase2D):
         )
 
 
-class _PatchMaskGenerator(RandomGeneratorBase):
+class _PatchMaskGenerator(_TorchDrawGenerator):
     """Draw the patch mask of :class:`PatchMask`.
 
     Returns ``patch_mask`` (bool, ``(B, ceil(H / patch_size), ceil(W / patch_size))``; ``True``
@@ -350,9 +351,6 @@ class _PatchMaskGenerator(RandomGeneratorBase):
 
     def __repr__(self) -> str:
         return f"mask_prob={self.mask_prob}"
-
-    def make_samplers(self, device: torch.device, dtype: torch.dtype) -> None:
-        return None
 
     def forward(
         self, batch_shape: tuple[int, ...], same_on_batch: bool = False
