@@ -24,15 +24,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from cppo_lightning.data.rows import (
     DropReport,
+    element_feature,
     empty,
     format_prompt,
-    missing_columns,
     prepare_split,
     row_images,
 )
 from cppo_lightning.data.synthetic import INSTRUCTION, SyntheticShapes
 from cppo_lightning.data.views import ViewMaker
-from cppo_lightning.families import Family
+from cppo_lightning.families import Family, family_of_processor
 from cppo_lightning.policy import DEFAULT_MODEL, load_processor, model_family
 from cppo_lightning.records import PromptBatch
 
@@ -96,8 +96,6 @@ class PromptCollator:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
     ) -> None:
-        from cppo_lightning.families import family_of_processor
-
         self.processor = processor
         self.instruction = instruction
         self.image_column = image_column
@@ -109,7 +107,7 @@ class PromptCollator:
 
     def images(self, row: dict[str, Any]) -> list[Image.Image]:
         """The row's images, decoded and sized (ValueError if one is bad or missing)."""
-        return row_images(row, self.image_column, None, self.min_pixels, self.max_pixels)
+        return row_images(row, self.image_column, self.min_pixels, self.max_pixels)
 
     def prompt(self, row: dict[str, Any], num_images: int) -> str:
         return format_prompt(self.processor, row["question"], self.instruction, num_images)
@@ -180,6 +178,12 @@ def _pick_column(
     dataset: datasets.Dataset, split: str, given: str | None, candidates: Sequence[str], what: str
 ) -> str:
     if given is not None:
+        if given not in dataset.column_names:
+            raise ValueError(
+                f"the {split!r} split has no column(s) {[given]} (columns: "
+                f"{dataset.column_names}): set data.{what}_column (or the dataset spec's "
+                "`columns`) to match it."
+            )
         return given
     for name in candidates:
         if name in dataset.column_names:
@@ -196,10 +200,7 @@ def _undecoded_images(dataset: datasets.Dataset, column: str) -> datasets.Datase
     feature = dataset.features[column]
     if isinstance(feature, datasets.Image):
         return dataset.cast_column(column, datasets.Image(decode=False))
-    inner = getattr(feature, "feature", None)
-    if isinstance(feature, list) and feature:
-        inner = feature[0]
-    if isinstance(inner, datasets.Image):
+    if isinstance(element_feature(feature), datasets.Image):
         return dataset.cast_column(column, datasets.List(datasets.Image(decode=False)))
     return dataset
 
@@ -304,14 +305,7 @@ class VisionLanguageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        processor = load_processor(self.processor_name_or_path)
-        family = model_family(self.processor_name_or_path)
-        settings: dict[str, Any] = {
-            "family": family,
-            "min_pixels": self.min_pixels,
-            "max_pixels": self.max_pixels,
-        }
-        checker = PromptCollator(processor, self.instruction, "image", **settings)
+        processor, family = self._processor()
         loaded = self.source.load()
         for split in SPLITS:
             if split not in loaded:
@@ -319,14 +313,7 @@ class VisionLanguageDataModule(pl.LightningDataModule):
                     f"data.dataset returned splits {list(loaded)}; "
                     "it needs 'train' and 'validation'."
                 )
-            ds = self._canonical(loaded[split], split)
-            ds, report = prepare_split(
-                ds,
-                split,
-                self._row_check(checker, family),
-                self.preprocess_workers,
-                settings=self._check_settings(split, processor),
-            )
+            ds, report = self._check_split(loaded[split], split, processor, family)
             if len(ds) == 0:
                 raise ValueError(
                     f"every row of the {split!r} split was dropped ({report.summary()}): "
@@ -343,11 +330,9 @@ class VisionLanguageDataModule(pl.LightningDataModule):
             self.view_seed,
             family=family,
         )
-        self.collate = PromptCollator(
-            processor, self.instruction, "image", keep_images=self.view_maker.enabled, **settings
-        )
+        self.collate = self._collator(processor, family, keep_images=self.view_maker.enabled)
         # Held-out batches never get views: no need to carry their images as tensors.
-        self.val_collate = PromptCollator(processor, self.instruction, "image", **settings)
+        self.val_collate = self._collator(processor, family)
 
     def prepare_data(self) -> None:
         # Once per node, before setup on every rank: run the row check of file and hub datasets
@@ -355,24 +340,39 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         loaded = self.source.load()
         if not all(split in loaded and loaded[split].cache_files for split in SPLITS):
             return  # in-memory data (the synthetic task): nothing to cache, setup checks it
-        processor = load_processor(self.processor_name_or_path)
-        family = model_family(self.processor_name_or_path)
-        checker = PromptCollator(
+        processor, family = self._processor()
+        for split in SPLITS:
+            self._check_split(loaded[split], split, processor, family)
+
+    def _processor(self) -> tuple[Any, Family]:
+        return load_processor(self.processor_name_or_path), model_family(
+            self.processor_name_or_path
+        )
+
+    def _collator(
+        self, processor: Any, family: Family, keep_images: bool = False
+    ) -> PromptCollator:
+        return PromptCollator(
             processor,
             self.instruction,
             "image",
+            keep_images=keep_images,
             family=family,
             min_pixels=self.min_pixels,
             max_pixels=self.max_pixels,
         )
-        for split in SPLITS:
-            prepare_split(
-                self._canonical(loaded[split], split),
-                split,
-                self._row_check(checker, family),
-                self.preprocess_workers,
-                settings=self._check_settings(split, processor),
-            )
+
+    def _check_split(
+        self, ds: datasets.Dataset, split: str, processor: Any, family: Family
+    ) -> tuple[datasets.Dataset, DropReport]:
+        """Canonical columns, then the row check (cached for file and hub datasets)."""
+        return prepare_split(
+            self._canonical(ds, split),
+            split,
+            self._row_check(self._collator(processor, family), family),
+            self.preprocess_workers,
+            settings=self._check_settings(split, processor),
+        )
 
     def _check_settings(self, split: str, processor: Any) -> tuple[Any, ...]:
         """Everything the row check of ``split`` depends on (its cache key, with the data)."""
@@ -399,9 +399,6 @@ class VisionLanguageDataModule(pl.LightningDataModule):
             "answer": _pick_column(ds, split, self.answer_column, ANSWER_COLUMNS, "answer"),
             "image": _pick_column(ds, split, self.image_column, IMAGE_COLUMNS, "image"),
         }
-        error = missing_columns(ds, split, list(names.values()))
-        if error is not None:
-            raise error
         renames = {source: ours for ours, source in names.items() if source != ours}
         # A column already named like a target (e.g. a reference `solution` when the answer
         # column is `solution`) would collide: keep it under another name.

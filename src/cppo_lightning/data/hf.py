@@ -20,6 +20,8 @@ from typing import Any
 
 import datasets
 
+from cppo_lightning.data.rows import element_feature
+
 _FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
@@ -125,9 +127,7 @@ def _absolute_row(row: dict[str, Any], columns: list[str], root: str) -> dict[st
 def _is_path_column(name: str, feature: Any) -> bool:
     if "image" not in name.lower():
         return False
-    inner = getattr(feature, "feature", feature)  # a list feature's element
-    if isinstance(feature, list) and feature:
-        inner = feature[0]
+    inner = element_feature(feature) or feature  # a list column's element, or the column
     return isinstance(inner, datasets.Value) and inner.dtype in ("string", "large_string")
 
 

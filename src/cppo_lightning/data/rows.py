@@ -12,7 +12,7 @@ import collections
 import io
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import datasets
@@ -173,31 +173,22 @@ def prepare_split(
 
 
 def row_images(
-    row: dict[str, Any],
-    image_column: str,
-    image_root: str | None,
-    min_pixels: int | None,
-    max_pixels: int | None,
+    row: dict[str, Any], image_column: str, min_pixels: int | None, max_pixels: int | None
 ) -> list[Image.Image]:
-    """Decode and size the images of one row (raises ValueError for a bad or missing image)."""
+    """Decode and size the images of one row (raises ValueError for a bad or missing image).
+    Relative paths were made absolute when the dataset was loaded (``DatasetSpec``)."""
     values = image_values(row[image_column])
     if not values:
         raise ValueError("no image")
-    return [fit_pixels(open_image(v, image_root), min_pixels, max_pixels) for v in values]
+    return [fit_pixels(open_image(v), min_pixels, max_pixels) for v in values]
 
 
 def empty(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def missing_columns(
-    dataset: datasets.Dataset, split: str, columns: Sequence[str]
-) -> ValueError | None:
-    absent = [c for c in columns if c not in dataset.column_names]
-    if not absent:
-        return None
-    return ValueError(
-        f"the {split!r} split has no column(s) {absent} (columns: {dataset.column_names}): "
-        "set data.question_column / data.answer_column / data.image_column (or the dataset "
-        "spec's `columns`) to match it."
-    )
+def element_feature(feature: Any) -> Any:
+    """The element feature of a list column (``List``, ``Sequence`` or ``[feature]``), or None."""
+    if isinstance(feature, list):
+        return feature[0] if feature else None
+    return getattr(feature, "feature", None)
