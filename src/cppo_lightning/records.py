@@ -11,6 +11,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from cppo_lightning.families import select_vision
+
 
 class ImageViews(NamedTuple):
     """The perturbed views of the images of a prompt batch (spec: I+ and I-).
@@ -88,8 +90,6 @@ class PromptBatch(NamedTuple):
     ) -> dict[str, torch.Tensor]:
         """Image tensors of prompts ``index`` (repeats allowed): of the originals, or of
         ``vision`` (a view's tensors, same layout) when given."""
-        from cppo_lightning.families import select_vision
-
         return select_vision(
             self.vision if vision is None else vision,
             self.vision_layout,  # type: ignore[arg-type]
