@@ -147,6 +147,9 @@ def test_reward_swapped_by_a_yaml_overlay(tmp_path):
         (["--model.dual_clip=0.5"], "dual_clip must be > 1"),
         (["--model.reward.init_args.weights={accuracy: 1.0}"], "missing weights for ['format']"),
         (["--data.batch_size=0"], "data.batch_size"),
+        (["--rollout.generation_batch_size=4"], "smaller than one group"),
+        (["--data.min_pixels=5000", "--data.max_pixels=4000"], "is larger than data.max_pixels"),
+        (["--data.max_images=0"], "data.max_images must be >= 1"),
     ],
 )
 def test_bad_values_say_what_to_change(args, message, capsys):

@@ -259,3 +259,15 @@ def test_prepare_data_checks_file_rows_once_for_every_rank(tmp_path, monkeypatch
     }
     VisionLanguageDataModule(**{**settings, "max_prompt_length": 1000}).setup("fit")
     assert len(calls) == checked + 12 + 4  # other settings: checked again
+
+
+def test_bad_dataset_specs_say_what_to_change(tmp_path):
+    table = tmp_path / "rows.tsv"
+    table.write_text("question\tanswer\n")
+    with pytest.raises(ValueError, match=r"give a \.parquet, \.json, \.jsonl or \.csv file"):
+        DatasetSpec(path=str(table)).load()
+    with pytest.raises(ValueError, match="validation_size rows are held out of train"):
+        HFDataset(train=DatasetSpec(path=str(table)), validation_size=0)
+    small = HFDataset(train=DatasetSpec(path=str(_virl39k(tmp_path))), validation_size=12)
+    with pytest.raises(ValueError, match="cannot hold out validation_size=12 rows of a 12-row"):
+        small.load()

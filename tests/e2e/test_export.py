@@ -91,3 +91,12 @@ def test_export_names_a_missing_checkpoint(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"give the \.ckpt that `cppo fit` wrote"):
         export_checkpoint(tmp_path / "nope.ckpt", tmp_path / "out")
+
+
+def test_export_refuses_a_file_that_is_not_a_fit_checkpoint(tmp_path):
+    from cppo_lightning.export import export_checkpoint
+
+    other = tmp_path / "weights.ckpt"
+    torch.save({"model": {}}, other)
+    with pytest.raises(ValueError, match="is not a checkpoint written by `cppo fit`"):
+        export_checkpoint(other, tmp_path / "out")
