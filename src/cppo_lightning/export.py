@@ -22,14 +22,7 @@ from cppo_lightning.module import CPPOModule
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | None = None) -> Path:
-    """Write the policy of a ``cppo fit`` checkpoint (LoRA merged) and its processor to ``output``.
-
-    Args:
-        checkpoint: A ``.ckpt`` written by ``cppo fit`` (ModelCheckpoint).
-        output: Folder to write (created).
-        dtype: Weight dtype of the export; the training dtype when None.
-    """
+def _read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(
@@ -39,14 +32,44 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | N
     state = torch.load(path, map_location="cpu", weights_only=False)
     if "hyper_parameters" not in state or "state_dict" not in state:
         raise ValueError(f"{str(path)!r} is not a checkpoint written by `cppo fit`.")
+    return state
+
+
+def checkpoint_settings(checkpoint: str | Path) -> dict[str, Any]:
+    """The module settings a ``cppo fit`` checkpoint was written with, plus its ``global_step``."""
+    state = _read_checkpoint(checkpoint)
+    return {**state["hyper_parameters"], "global_step": int(state.get("global_step", 0))}
+
+
+def load_fit_checkpoint(checkpoint: str | Path, dtype: str | None = None) -> CPPOModule:
+    """A :class:`CPPOModule` with the trained weights of a ``cppo fit`` checkpoint (no frozen
+    reference is built; LoRA adapters stay unmerged).
+
+    Args:
+        checkpoint: A ``.ckpt`` written by ``cppo fit`` (ModelCheckpoint).
+        dtype: Weight dtype; the training dtype when None.
+    """
+    state = _read_checkpoint(checkpoint)
     accepted = inspect.signature(CPPOModule.__init__).parameters
     hparams: dict[str, Any] = {k: v for k, v in state["hyper_parameters"].items() if k in accepted}
-    hparams["kl_coef"] = 0.0  # no frozen reference copy is needed to export
+    hparams["kl_coef"] = 0.0  # no frozen reference copy is needed
     if dtype is not None:
         hparams["dtype"] = dtype
     module = CPPOModule(**hparams)
     module.on_load_checkpoint(state)  # loads the base model; fails if trained weights are missing
     module.load_state_dict(state["state_dict"], strict=False)
+    return module
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | None = None) -> Path:
+    """Write the policy of a ``cppo fit`` checkpoint (LoRA merged) and its processor to ``output``.
+
+    Args:
+        checkpoint: A ``.ckpt`` written by ``cppo fit`` (ModelCheckpoint).
+        output: Folder to write (created).
+        dtype: Weight dtype of the export; the training dtype when None.
+    """
+    module = load_fit_checkpoint(checkpoint, dtype)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     module.save_pretrained(str(output))
