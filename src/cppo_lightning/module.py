@@ -332,19 +332,27 @@ class CPPOModule(LightningModule):
     def collect_rollout(self, prompts: PromptBatch, sampling: Sampling) -> RolloutBatch:
         """Sample G responses per prompt with the current policy and score them."""
         assert self.policy is not None
+        with self.generation_mode():
+            return collect_rollouts(
+                self.policy,
+                self.processor,
+                prompts,
+                self.reward,
+                sampling,
+                group_size=self.group_size,
+                suppress_token_ids=self.suppress_token_ids,
+            )
+
+    @contextlib.contextmanager
+    def generation_mode(self) -> Iterator[None]:
+        """The policy in eval mode, without gradients and (under FSDP) with the root's
+        parameters gathered, for ``generate`` calls; its mode is restored afterwards."""
+        assert self.policy is not None
         was_training = self.policy.training
         self.policy.eval()
         try:
-            with self._generation_context():
-                return collect_rollouts(
-                    self.policy,
-                    self.processor,
-                    prompts,
-                    self.reward,
-                    sampling,
-                    group_size=self.group_size,
-                    suppress_token_ids=self.suppress_token_ids,
-                )
+            with torch.no_grad(), self._generation_context():
+                yield
         finally:
             self.policy.train(was_training)
 
