@@ -72,11 +72,17 @@ def main(args: list[str] | None = None, run: bool = True) -> CPPOCLI:
 def entry_point() -> None:
     """The ``cppo`` console script: like :func:`main`, returning nothing (a returned object would
     become the process's exit status). ``cppo export CKPT OUT`` writes a standalone Hugging Face
-    checkpoint (:mod:`cppo_lightning.export`)."""
+    checkpoint (:mod:`cppo_lightning.export`); ``cppo evaluate MODEL --eval SET ...`` scores a
+    model on evaluation sets (:mod:`cppo_lightning.evaluation.command`)."""
     if sys.argv[1:2] == ["export"]:
         from cppo_lightning.export import main as export_main
 
         export_main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["evaluate"]:
+        from cppo_lightning.evaluation.command import main as evaluate_main
+
+        evaluate_main(sys.argv[2:])
         return
     main()
 

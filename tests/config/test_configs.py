@@ -15,7 +15,8 @@ from cppo_lightning.module import CPPOModule
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "configs" / "base.yaml"
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+# Fit configs; configs/eval/ holds evaluation sets (tests/unit/test_eval_sets.py reads each).
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "eval")
 
 
 def _instantiate(*args: str):  # type: ignore[no-untyped-def]
