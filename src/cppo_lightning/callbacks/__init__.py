@@ -1,8 +1,16 @@
 """Callbacks decide *when* things happen; the math they trigger lives elsewhere."""
 
+from cppo_lightning.callbacks.evaluation import Evaluation
 from cppo_lightning.callbacks.export import ExportPolicy
 from cppo_lightning.callbacks.monitor import PerceptionMonitor
 from cppo_lightning.callbacks.perception import CPLWeight, PerceptionTokens
 from cppo_lightning.callbacks.rollout import RolloutCallback
 
-__all__ = ["CPLWeight", "ExportPolicy", "PerceptionMonitor", "PerceptionTokens", "RolloutCallback"]
+__all__ = [
+    "CPLWeight",
+    "Evaluation",
+    "ExportPolicy",
+    "PerceptionMonitor",
+    "PerceptionTokens",
+    "RolloutCallback",
+]
