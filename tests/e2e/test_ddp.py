@@ -33,6 +33,7 @@ def test_cppo_trains_under_ddp_on_two_cpu_processes(tmp_path):
         "--rollout.max_new_tokens=16",
         "--model.val_samples=1",
         "--model.micro_batch_size=3",  # several backward passes per optimizer step
+        "--trainer.callbacks.num_rows=4",  # base.yaml's Evaluation callback, on 4 prompts
         "--trainer.callbacks+=tests.helpers.checksum.WriteParameterChecksum",
         f"--trainer.callbacks.directory={tmp_path / 'checksums'}",
     ]

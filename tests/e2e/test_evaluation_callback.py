@@ -7,12 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cppo_lightning.callbacks import Evaluation
 from cppo_lightning.cli import main
 from tests.e2e.test_evaluate import _run, small_synthetic
-from tests.e2e.test_fit import _fit_args
+from tests.e2e.test_fit import BASE, _fit_args
 
 
 def _scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
@@ -25,15 +26,23 @@ def _scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
 
 def test_evaluation_during_fit_logs_on_schedule_and_changes_nothing(tmp_path: Path):
     eval_file = small_synthetic(tmp_path, rows=6)
-    callback = (
-        "--trainer.callbacks+=cppo_lightning.callbacks.Evaluation",
+    # base.yaml's Evaluation callback (the last one), on another schedule and conditions.
+    settings = (
         f"--trainer.callbacks.sets=[{eval_file}]",
         "--trainer.callbacks.images=[original, blank, removing]",
         "--trainer.callbacks.every_n_steps=2",
         "--trainer.callbacks.batch_size=4",
+        "--trainer.callbacks.num_rows=6",
     )
-    with_eval = main(_fit_args(tmp_path / "with", *callback))
-    without = main(_fit_args(tmp_path / "without"))
+    with_eval = main(_fit_args(tmp_path / "with", *settings))
+    # The same run with base.yaml's other callbacks only.
+    base = yaml.safe_load(Path(BASE).read_text())
+    others = [c for c in base["trainer"]["callbacks"] if not c["class_path"].endswith("Evaluation")]
+    assert len(others) == len(base["trainer"]["callbacks"]) - 1
+    without_config = tmp_path / "without.yaml"
+    without_config.write_text(yaml.safe_dump({"trainer": {"callbacks": others}}))
+    without = main(_fit_args(tmp_path / "without", "--config", str(without_config)))
+    assert not any(isinstance(c, Evaluation) for c in without.trainer.callbacks)
     # Sampling for evaluation runs in a forked RNG: training is bit-for-bit the same.
     for (name, a), (_, b) in zip(
         with_eval.model.policy.named_parameters(),

@@ -162,3 +162,15 @@ def test_the_fingerprint_follows_the_settings_not_the_caches():
     assert one.fingerprint() == before == two.fingerprint()
     two.instruction = "Answer."
     assert two.fingerprint() != before
+
+
+def test_the_synthetic_eval_set_is_the_default_runs_validation_split():
+    import yaml
+
+    base = yaml.safe_load((REPO / "configs" / "base.yaml").read_text())
+    eval_set = load_eval_set(str(EVAL / "synthetic.yaml"))
+    source = base["data"]["dataset"]
+    assert type(eval_set.dataset).__name__ == source["class_path"].rsplit(".", 1)[1]
+    assert vars(eval_set.dataset) | source["init_args"] == vars(eval_set.dataset)
+    assert eval_set.split == "validation"
+    assert eval_set.max_new_tokens == base["rollout"]["max_new_tokens"]

@@ -55,6 +55,7 @@ class Evaluation(pl.Callback):
         batch_size: Prompts per ``generate`` call.
         every_n_steps: Optimizer steps between evaluations; the first is before any update.
         seed: Seed of sampling and of the ``shuffled`` pairing.
+        num_rows: Evaluate only the first ``num_rows`` rows of each set (None: all of them).
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class Evaluation(pl.Callback):
         batch_size: int = 32,
         every_n_steps: int = 100,
         seed: int = 0,
+        num_rows: int | None = None,
     ) -> None:
         if not sets:
             raise ValueError("Evaluation.sets is empty: name at least one configs/eval/*.yaml.")
@@ -83,7 +85,12 @@ class Evaluation(pl.Callback):
                 f"Evaluation.every_n_steps and batch_size must be >= 1, got {every_n_steps} and "
                 f"{batch_size}."
             )
+        if num_rows is not None and num_rows < 1:
+            raise ValueError(f"Evaluation.num_rows must be >= 1 or null, got {num_rows}.")
         self.eval_sets: list[EvalSet] = [load_eval_set(s) for s in sets]
+        for eval_set in self.eval_sets:
+            if num_rows is not None:
+                eval_set.num_rows = min(num_rows, eval_set.num_rows or num_rows)
         self.images = check_conditions(images or ["original"])
         self.samples = samples
         self.temperature = temperature
