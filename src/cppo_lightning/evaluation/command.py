@@ -370,6 +370,7 @@ def evaluate(
         log_tensorboard,
         read_records,
         summarize,
+        to_markdown,
         write_atomic,
         write_results,
     )
@@ -439,8 +440,6 @@ def evaluate(
     }
     write_results(output, payload)
     log_tensorboard(output, results, loader.global_step())
-    from cppo_lightning.evaluation.report import to_markdown
-
     print(to_markdown(results), end="")
     print(f"results: {output / 'results.json'}", file=sys.stderr)
     return payload
