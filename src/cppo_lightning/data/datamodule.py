@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 import datasets
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
@@ -24,11 +23,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from cppo_lightning.data.rows import (
     DropReport,
-    element_feature,
     empty,
     format_prompt,
+    image_tensor,
     prepare_split,
     row_images,
+    undecoded_images,
 )
 from cppo_lightning.data.synthetic import INSTRUCTION, SyntheticShapes
 from cppo_lightning.data.views import ViewMaker
@@ -164,14 +164,8 @@ class PromptCollator:
             mm_token_type_ids=encoded.get("mm_token_type_ids"),
             columns=columns,
             row_index=row_index,
-            images=[_to_tensor(image) for image in flat] if self.keep_images else None,
+            images=[image_tensor(image) for image in flat] if self.keep_images else None,
         )
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    """``[3, H, W]`` float32 in [0, 1] (what the processor gives for the PIL image too)."""
-    array = np.array(image, dtype=np.uint8, copy=True)  # [H, W, 3]
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
 def _pick_column(
@@ -192,17 +186,6 @@ def _pick_column(
         f"the {split!r} split has none of the usual {what} columns {list(candidates)} (columns: "
         f"{dataset.column_names}): set data.{what}_column."
     )
-
-
-def _undecoded_images(dataset: datasets.Dataset, column: str) -> datasets.Dataset:
-    """Keep image columns as bytes/paths: images are decoded by the collator, which can skip a
-    corrupt one instead of failing inside ``datasets``."""
-    feature = dataset.features[column]
-    if isinstance(feature, datasets.Image):
-        return dataset.cast_column(column, datasets.Image(decode=False))
-    if isinstance(element_feature(feature), datasets.Image):
-        return dataset.cast_column(column, datasets.List(datasets.Image(decode=False)))
-    return dataset
 
 
 class VisionLanguageDataModule(pl.LightningDataModule):
@@ -404,7 +387,7 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         # column is `solution`) would collide: keep it under another name.
         clashes = {ours: f"original_{ours}" for ours in renames.values() if ours in ds.column_names}
         ds = ds.rename_columns({**clashes, **renames})
-        return _undecoded_images(ds, "image")
+        return undecoded_images(ds, "image")
 
     def _row_check(self, collator: PromptCollator, family: Family) -> Any:
         max_images = self.max_images

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import datasets
+import numpy as np
+import torch
 from datasets.fingerprint import Hasher
 from PIL import Image
 
@@ -192,3 +194,20 @@ def element_feature(feature: Any) -> Any:
     if isinstance(feature, list):
         return feature[0] if feature else None
     return getattr(feature, "feature", None)
+
+
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """``[3, H, W]`` float32 in [0, 1] (what the processor gives for the PIL image too)."""
+    array = np.array(image, dtype=np.uint8, copy=True)  # [H, W, 3]
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+
+
+def undecoded_images(dataset: datasets.Dataset, column: str) -> datasets.Dataset:
+    """Keep an image column as bytes/paths: images are decoded by the collator, which can skip a
+    corrupt one instead of failing inside ``datasets``."""
+    feature = dataset.features[column]
+    if isinstance(feature, datasets.Image):
+        return dataset.cast_column(column, datasets.Image(decode=False))
+    if isinstance(element_feature(feature), datasets.Image):
+        return dataset.cast_column(column, datasets.List(datasets.Image(decode=False)))
+    return dataset

@@ -19,10 +19,10 @@ import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image, ImageStat
 
+from cppo_lightning.data.rows import image_tensor
 from cppo_lightning.perturbations import apply_seeded, view_seed
 
 CONDITIONS = ("original", "blank", "mean", "shuffled", "preserving", "removing")
@@ -81,11 +81,6 @@ def shuffle_partners(sizes: Sequence[tuple], seed: int) -> tuple[list[int], list
         for row in loners:
             partners[row] = cycle[(position[row] + 1) % n]
     return partners, resized
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    array = np.array(image, dtype=np.uint8, copy=True)  # [H, W, 3]
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
 def _to_image(tensor: torch.Tensor) -> Image.Image:
@@ -159,7 +154,7 @@ class ImageConditions:
             for k, image in enumerate(images):
                 key = condition if k == 0 else f"{condition}#{k}"
                 seed = view_seed(self.view_seed, row, 0, key)
-                out.append(_to_image(apply_seeded(perturbation, _to_tensor(image), seed)))
+                out.append(_to_image(apply_seeded(perturbation, image_tensor(image), seed)))
             return out
         raise ValueError(f"unknown image condition {condition!r}; expected one of {CONDITIONS}.")
 

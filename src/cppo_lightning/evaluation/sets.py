@@ -34,6 +34,7 @@ from cppo_lightning.data.rows import (
     image_values,
     open_image,
     prepare_split,
+    undecoded_images,
 )
 from cppo_lightning.rewards import accuracy_reward
 
@@ -258,12 +259,7 @@ class EvalSet:
         """
         rows = self.raw_rows()
         self._check_columns(rows)
-        if isinstance(rows.features.get(self.image_column), datasets.Image):
-            rows = rows.cast_column(self.image_column, datasets.Image(decode=False))
-        elif isinstance(
-            getattr(rows.features.get(self.image_column), "feature", None), datasets.Image
-        ):
-            rows = rows.cast_column(self.image_column, datasets.List(datasets.Image(decode=False)))
+        rows = undecoded_images(rows, self.image_column)
         canonical = rows.map(
             _canonical_row,
             with_indices=True,
