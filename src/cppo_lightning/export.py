@@ -22,22 +22,25 @@ from cppo_lightning.module import CPPOModule
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
+def _read_checkpoint(checkpoint: str | Path, mmap: bool = False) -> dict[str, Any]:
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(
             f"no checkpoint at {str(path)!r}: give the .ckpt that `cppo fit` wrote (e.g. "
             "<log_dir>/checkpoints/last.ckpt)."
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    # mmap: tensors are read only when touched (settings need none of the weights or the
+    # optimizer state).
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     if "hyper_parameters" not in state or "state_dict" not in state:
         raise ValueError(f"{str(path)!r} is not a checkpoint written by `cppo fit`.")
     return state
 
 
 def checkpoint_settings(checkpoint: str | Path) -> dict[str, Any]:
-    """The module settings a ``cppo fit`` checkpoint was written with, plus its ``global_step``."""
-    state = _read_checkpoint(checkpoint)
+    """The module settings a ``cppo fit`` checkpoint was written with, plus its ``global_step``
+    (the file is memory-mapped: its tensors are not read)."""
+    state = _read_checkpoint(checkpoint, mmap=True)
     return {**state["hyper_parameters"], "global_step": int(state.get("global_step", 0))}
 
 

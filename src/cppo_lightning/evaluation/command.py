@@ -255,18 +255,25 @@ class ModelLoader:
     def __init__(self, model: str, dtype: str | None) -> None:
         self.model = model
         self.dtype = dtype
+        self._settings: dict[str, Any] | None = None
 
     @property
     def is_checkpoint(self) -> bool:
         return self.model.endswith(".ckpt")
 
+    def settings(self) -> dict[str, Any]:
+        """A ``.ckpt``'s module settings and ``global_step`` (read once)."""
+        if self._settings is None:
+            from cppo_lightning.export import checkpoint_settings
+
+            self._settings = checkpoint_settings(self.model)
+        return self._settings
+
     def processor(self) -> Any:
         from cppo_lightning.policy import load_processor
 
         if self.is_checkpoint:
-            from cppo_lightning.export import checkpoint_settings
-
-            return load_processor(checkpoint_settings(self.model)["model_name_or_path"])
+            return load_processor(self.settings()["model_name_or_path"])
         return load_processor(self.model)
 
     def __call__(self) -> tuple[torch.nn.Module, Any]:
@@ -284,11 +291,7 @@ class ModelLoader:
         return load_policy(self.model, self.dtype or "float32"), load_processor(self.model)
 
     def global_step(self) -> int:
-        if not self.is_checkpoint:
-            return 0
-        from cppo_lightning.export import checkpoint_settings
-
-        return int(checkpoint_settings(self.model).get("global_step", 0))
+        return int(self.settings().get("global_step", 0)) if self.is_checkpoint else 0
 
 
 def _devices(value: str) -> Any:
