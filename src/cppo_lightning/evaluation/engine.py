@@ -25,7 +25,7 @@ from PIL import Image
 
 from cppo_lightning.data.rows import DropReport
 from cppo_lightning.evaluation.conditions import ImageConditions, shuffle_partners
-from cppo_lightning.evaluation.sets import EvalSet
+from cppo_lightning.evaluation.sets import LETTERS, EvalSet
 from cppo_lightning.records import PromptBatch
 from cppo_lightning.rewards import extract_boxed, is_equivalent, normalize_answer
 from cppo_lightning.rollout import Sampling, decode_responses, generate_responses, repeat_columns
@@ -157,15 +157,15 @@ def grade(
     """
     correct = [float(v) > 0 for v in eval_set.grader(texts, **columns)]
     formatted = [float(v) > 0 for v in eval_set.format_reward(texts, **columns)]
+    options = columns.get("options") or [None] * len(texts)
     for i, text in enumerate(texts):
-        options = columns.get("options", [None] * len(texts))[i]
-        if correct[i] or not options:
+        if correct[i] or not options[i]:
             continue
         boxed = extract_boxed(text)
-        letter = str(columns["answer"][i])
-        position = ord(letter.upper()) - ord("A") if len(letter) == 1 else -1
-        if boxed is not None and 0 <= position < len(options):
-            correct[i] = is_equivalent(boxed, options[position])
+        letter = str(columns["answer"][i])  # option_letter made it an upper-case letter
+        position = LETTERS.find(letter) if len(letter) == 1 else -1
+        if boxed is not None and 0 <= position < len(options[i]):
+            correct[i] = is_equivalent(boxed, options[i][position])
     return correct, formatted
 
 
