@@ -1,4 +1,4 @@
-"""Tests for the synthetic shapes task: determinism, rendering and answer correctness."""
+"""Tests for the synthetic shapes task: determinism, rendering, answer correctness, balance."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from cppo_lightning.data.synthetic import (
     corpus,
     generate_samples,
     make_sample,
+    region_targets,
 )
 
 SOLUTION_RE = re.compile(r"^<think>(.*)</think>.*\\boxed\{(.*)\}.*$", re.DOTALL)
@@ -66,32 +67,22 @@ def _pixel_scene(image) -> list[dict]:
 
 def _oracle(question: str, scene: list[dict]) -> str:
     """Answers a question from a recovered scene, independently of the generator."""
-
-    def count(shape=None, color=None):
-        return sum(
-            (shape is None or s["shape"] == shape) and (color is None or s["color"] == color)
-            for s in scene
-        )
-
-    if m := re.fullmatch(r"How many (\w+)s are there\?", question):
-        return str(count(shape=m[1]))
-    if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
-        return str(count(color=m[1]))
+    if question == "What color is the shape?":
+        (only,) = scene  # asked only of single-shape images
+        return only["color"]
     if m := re.fullmatch(r"What color is the (\w+)\?", question):
         (only,) = [s for s in scene if s["shape"] == m[1]]  # asked only when unique
+        assert len(scene) >= 2
         return only["color"]
-    if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", question):
-        return "yes" if count(m[2], m[1]) else "no"
-    if m := re.fullmatch(r"Is the (\w+) (\w+) (left|right) of the (\w+) (\w+)\?", question):
-        (a,) = [s for s in scene if (s["color"], s["shape"]) == (m[1], m[2])]
-        (b,) = [s for s in scene if (s["color"], s["shape"]) == (m[4], m[5])]
-        assert a["box"][2] < b["box"][0] or b["box"][2] < a["box"][0], "no clear gap"
-        a_left = a["box"][2] < b["box"][0]
-        return "yes" if a_left == (m[3] == "left") else "no"
-    if m := re.fullmatch(r"How many (\w+)s and (\w+)s are there in total\?", question):
-        return str(count(m[1]) + count(m[2]))
-    if m := re.fullmatch(r"How many more (\w+)s than (\w+)s are there\?", question):
-        return str(count(m[1]) - count(m[2]))
+    if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+        return str(sum(s["color"] == m[1] for s in scene))
+    if question == "How many shapes are there?":
+        return str(len(scene))
+    if question == "What color is the leftmost shape?":
+        first, second = sorted(scene, key=lambda s: s["box"][0] + s["box"][2])[:2]
+        gap = (second["box"][0] + second["box"][2] - first["box"][0] - first["box"][2]) / 2
+        assert gap >= synthetic.LEFTMOST_GAP - 1, "no clear leftmost shape"
+        return first["color"]
     raise AssertionError(f"unexpected question {question!r}")
 
 
@@ -163,21 +154,52 @@ def test_solutions_and_perception_words(samples: list[dict]) -> None:
         words = re.findall(r"[a-z0-9]+", m[1])
         assert len(m[1].split()) <= 25
         assert s["perception_words"] and all(w in words for w in s["perception_words"])
-        if s["kind"] in ("exist", "position"):
-            assert s["answer"] in ("yes", "no")
-        elif s["kind"] == "color":
-            assert s["answer"] in COLORS
+        # Facts read from the image, never words the question already gives.
+        question_words = set(re.findall(r"[a-z0-9]+", s["question"].lower()))
+        assert not question_words & set(s["perception_words"]), (s["question"], s["solution"])
+        if s["kind"].endswith("_color"):
+            assert s["answer"] in COLORS and s["answer"] in s["perception_words"]
         else:
-            assert s["answer"].isdigit()
+            assert s["answer"].isdigit() and s["answer"] == s["perception_words"][0]
 
 
 def test_kinds_and_balance(samples: list[dict]) -> None:
     kinds = Counter(s["kind"] for s in samples)
     assert set(kinds) == set(synthetic.KINDS)
-    assert min(kinds.values()) >= 20
-    for kind in ("exist", "position"):
-        answers = Counter(s["answer"] for s in samples if s["kind"] == kind)
-        assert answers["yes"] >= 5 and answers["no"] >= 5
+    assert min(kinds.values()) >= 25
+    # A model that does not look is at chance: every answer of a kind about equally likely.
+    many = generate_samples(2000, seed=11)
+    expected = {
+        "single_color": COLORS,
+        "unique_color": COLORS,
+        "leftmost_color": COLORS,
+        "color_count": ("0", "1", "2", "3"),
+        "total_count": ("1", "2", "3", "4", "5"),
+    }
+    for kind, values in expected.items():
+        answers = Counter(s["answer"] for s in many if s["kind"] == kind)
+        assert set(answers) == set(values), kind
+        share = max(answers.values()) / sum(answers.values())
+        assert share < 1.5 / len(values), (kind, answers)
+
+
+def test_region_targets(samples: list[dict]) -> None:
+    for s in samples[:40]:
+        targets = region_targets(s["shapes"], s["image"])
+        assert targets.shape == (16, 2 * len(COLORS) + len(SHAPES))
+        pixels = np.asarray(s["image"]).astype(int)
+        for region in range(16):
+            row, col = divmod(region, 4)
+            cell = pixels[row * 28 : (row + 1) * 28, col * 28 : (col + 1) * 28].reshape(-1, 3)
+            for i, color in enumerate(COLORS):
+                shown = (cell == np.array(synthetic.RGB[color])).all(-1).any()
+                assert targets[region, i] == shown
+        centred = targets[:, len(COLORS) : len(COLORS) + len(SHAPES)]
+        assert centred.sum() <= len(s["shapes"])  # two centres in one region share it
+        for sh in s["shapes"]:
+            region = (sh["y"] // 28) * 4 + sh["x"] // 28
+            assert targets[region, len(COLORS) + SHAPES.index(sh["shape"])] == 1
+            assert targets[region, len(COLORS) + len(SHAPES) + COLORS.index(sh["color"])] == 1
 
 
 def test_build_dataset_features() -> None:
@@ -229,3 +251,4 @@ def test_corpus() -> None:
     assert INSTRUCTION in texts
     assert any(INSTRUCTION in t and t.endswith(INSTRUCTION) and "?" in t for t in texts)
     assert sum(t.startswith("<think>") for t in texts) == 50
+    assert {"leftmost", "shapes", "0", "5"} <= set(texts[0].split())

@@ -1,21 +1,27 @@
 r"""Synthetic visual-perception task: coloured shapes on a dark canvas.
 
 Each sample is a 112x112 RGB image with 1-5 non-overlapping shapes (circle, square, triangle),
-each coloured red, green, blue or yellow, plus one question about the picture:
+each coloured red, green, blue or yellow, plus one question about the picture. The question kinds
+are built so that a model that does not look is at chance (20-25%) on every one of them:
 
-* ``count``: "How many circles are there?" / "How many red shapes are there?"
-* ``color``: "What color is the triangle?" (only when exactly one triangle exists)
-* ``exist``: "Is there a blue square?" (yes/no, balanced)
-* ``position``: "Is the red circle left of the green square?" (yes/no, balanced; only between
-  two uniquely identifiable shapes whose horizontal extents do not overlap)
-* ``arith``: "How many circles and squares are there in total?" /
-  "How many more circles than squares are there?" (never negative)
+* ``single_color``: "What color is the shape?" (exactly one shape).
+* ``unique_color``: "What color is the triangle?" (2-5 shapes, exactly one triangle).
+* ``color_count``: "How many red shapes are there?" (the answer is uniform over 0-3).
+* ``total_count``: "How many shapes are there?" (the answer is uniform over 1-5).
+* ``leftmost_color``: "What color is the leftmost shape?" (2-5 shapes, the leftmost centre at
+  least :data:`LEFTMOST_GAP` pixels left of the next).
 
-Answers are canonical short strings (``"3"``, ``"red"``, ``"yes"``). Every sample also carries a
-short reference ``solution`` in the response format ``<think>...</think>\boxed{answer}``, written
-from a small fixed vocabulary, and ``perception_words``: the words of the rationale that state
-facts read from the image (counts, colours, shapes, left/right). Everything is a deterministic
-function of the seed: only local ``random.Random`` generators are used.
+Answers are canonical short strings (``"3"``, ``"red"``). Every sample also carries a short
+reference ``solution`` in the response format ``<think>...</think>\boxed{answer}``, whose
+rationale lists the shapes it read ("I see 2 red shapes: a red circle and a red square."), and
+``perception_words``: the words of that rationale that state facts read from the image and not
+from the question. "red" in the answer to "How many red shapes are there?" is copied from the
+question and is not one; the shape types and the count are. The boxed answer repeats what the
+rationale found, so a labeller should look inside ``<think>`` only (as
+:func:`cppo_lightning.callbacks.monitor.perception_word_labels` does). Every sample keeps its
+scene (``shapes``: type, colour, centre and size of each shape), so that dense per-region targets
+can be computed from it (:func:`region_targets`). Everything is a deterministic function of the
+seed: only local ``random.Random`` generators are used.
 """
 
 from __future__ import annotations
@@ -29,12 +35,20 @@ from PIL import Image, ImageDraw
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow")
-KINDS: tuple[str, ...] = ("count", "color", "exist", "position", "arith")
+KINDS: tuple[str, ...] = (
+    "single_color",
+    "unique_color",
+    "color_count",
+    "total_count",
+    "leftmost_color",
+)
 INSTRUCTION = "Think in <think></think>, then answer in \\boxed{}."
 
 IMAGE_SIZE = 112
 MIN_SIZE, MAX_SIZE = 20, 30  # side / diameter in pixels (a 14-px patch is about half a shape)
 MARGIN = 4  # minimum gap in pixels between shapes and to the border
+LEFTMOST_GAP = 8  # pixels between the leftmost centre and the next one
+CELL = 28  # side of the image region one merged image token covers (2 x 2 patches of 14)
 RGB: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 200, 60),
@@ -61,9 +75,8 @@ def _plural(shape: str, n: int) -> str:
     return shape if n == 1 else shape + "s"
 
 
-def _sample_scene(rng: random.Random) -> list[Shape]:
-    """Places 1-5 shapes by rejection sampling on margin-padded bounding boxes."""
-    n = rng.randint(1, 5)
+def _place(rng: random.Random, n: int) -> list[tuple[int, int, int]]:
+    """Places ``n`` (1-5) boxes ``(x0, y0, size)`` by rejection sampling with margins."""
     while True:
         boxes: list[tuple[int, int, int]] = []  # (x0, y0, size)
         for _ in range(200):
@@ -79,19 +92,20 @@ def _sample_scene(rng: random.Random) -> list[Shape]:
             ):
                 boxes.append((x0, y0, size))
                 if len(boxes) == n:
-                    break
-        if len(boxes) == n:
-            break
+                    return boxes
+
+
+def _scene(rng: random.Random, looks: list[tuple[str, str]]) -> list[Shape]:
+    """Shapes with the given ``(shape, color)`` looks at random non-overlapping places."""
+    boxes = _place(rng, len(looks))
     return [
-        {
-            "shape": rng.choice(SHAPES),
-            "color": rng.choice(COLORS),
-            "x": x0 + size // 2,
-            "y": y0 + size // 2,
-            "size": size,
-        }
-        for x0, y0, size in boxes
+        {"shape": shape, "color": color, "x": x0 + size // 2, "y": y0 + size // 2, "size": size}
+        for (shape, color), (x0, y0, size) in zip(looks, boxes, strict=True)
     ]
+
+
+def _random_looks(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    return [(rng.choice(SHAPES), rng.choice(COLORS)) for _ in range(n)]
 
 
 def _box(s: Shape) -> tuple[int, int, int, int]:
@@ -124,108 +138,120 @@ def render(shapes: list[Shape], background: tuple[int, int, int] = (0, 0, 0)) ->
     return image
 
 
-def _listing(items: list[Shape]) -> tuple[str, list[str]]:
-    """'a red circle, a blue circle and a green square' plus its perception words."""
+def region_targets(shapes: list[Shape], image: Image.Image, min_visible: float = 0.5) -> np.ndarray:
+    """Dense per-region facts of a scene, for pretraining a vision encoder on this task.
+
+    The image is cut into :data:`CELL` x :data:`CELL` regions in row-major order, the regions one
+    merged Qwen-VL image token covers (4 x 4 of them at 112 x 112). Per region, 0/1 targets:
+    which of :data:`COLORS` any of its pixels shows, then the type (:data:`SHAPES`) and the
+    colour (:data:`COLORS`) of the shapes whose centre lies in it. The targets describe what
+    ``image`` shows: when parts of the scene are covered (an occluded copy of the sample's image),
+    colours are read from its pixels and a shape counts only while at least ``min_visible`` of its
+    pixels still show it.
+
+    Args:
+        shapes: The sample's ``shapes``.
+        image: The sample's rendered ``image`` (exact palette colours, no anti-aliasing), or a
+            copy of it with parts covered.
+        min_visible: Share of a shape's pixels that must show for its centre targets.
+
+    Returns:
+        ``[regions, 2 * len(COLORS) + len(SHAPES)]`` float32.
+    """
+    side = IMAGE_SIZE // CELL
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int16)  # [H, W, 3]
+    palette = {c: np.array(RGB[c], dtype=np.int16) for c in COLORS}
+    present = np.stack([(pixels == palette[c]).all(-1) for c in COLORS], -1)  # [H, W, colours]
+    cells = present[: side * CELL, : side * CELL].reshape(side, CELL, side, CELL, len(COLORS))
+    targets = np.zeros((side * side, 2 * len(COLORS) + len(SHAPES)), dtype=np.float32)
+    targets[:, : len(COLORS)] = cells.any(axis=(1, 3)).reshape(side * side, len(COLORS))
+    for s in shapes:
+        footprint = np.asarray(render([s])).any(-1)  # [H, W] the shape's own pixels
+        shown = present[..., COLORS.index(s["color"])][footprint].mean()
+        if shown < min_visible:
+            continue
+        region = min(s["y"] // CELL, side - 1) * side + min(s["x"] // CELL, side - 1)
+        targets[region, len(COLORS) + SHAPES.index(s["shape"])] = 1.0
+        targets[region, len(COLORS) + len(SHAPES) + COLORS.index(s["color"])] = 1.0
+    return targets
+
+
+def _listing(items: list[Shape]) -> str:
+    """'a red circle, a blue circle and a green square'."""
     phrases = [f"a {s['color']} {s['shape']}" for s in items]
-    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return text, [w for s in items for w in (s["color"], s["shape"])]
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def _seen(items: list[Shape], noun: str, noun_words: list[str]) -> tuple[str, list[str]]:
-    """'I see 2 circles: a red circle and a blue circle.' plus its perception words."""
-    count = str(len(items))
+def _seen(items: list[Shape], noun: str) -> str:
+    """'I see 2 circles: a red circle and a blue circle.' (left to right)."""
     if not items:
-        return f"I see {count} {noun}.", [count, *noun_words]
-    listing, words = _listing(items)
-    return f"I see {count} {noun}: {listing}.", [count, *noun_words, *words]
+        return f"I see 0 {noun}."
+    return f"I see {len(items)} {noun}: {_listing(items)}."
 
 
-def _question(rng: random.Random, kind: str, shapes: list[Shape]) -> tuple | None:
-    """Builds (question, answer, rationale, perception_words), or None if the scene can't."""
-    left_to_right = sorted(shapes, key=lambda s: s["x"])
-    of = {k: [s for s in left_to_right if s["shape"] == k] for k in SHAPES}
-    if kind == "count":
-        if rng.random() < 0.5:
-            shape = rng.choice(SHAPES)
-            noun = _plural(shape, len(of[shape]))
-            text, words = _seen(of[shape], noun, [noun])
-            question = f"How many {shape}s are there?"
-            items = of[shape]
-        else:
-            color = rng.choice(COLORS)
-            items = [s for s in left_to_right if s["color"] == color]
-            text, words = _seen(items, f"{color} {_plural('shape', len(items))}", [color])
-            question = f"How many {color} shapes are there?"
-        answer = str(len(items))
-        return question, answer, f"{text} So {answer}.", words
-    if kind == "color":
-        single = [k for k in SHAPES if len(of[k]) == 1]
-        if not single:
-            return None
-        shape = rng.choice(single)
-        color = of[shape][0]["color"]
-        question = f"What color is the {shape}?"
+def _question(rng: random.Random, kind: str) -> tuple[list[Shape], str, str, str, list[str]]:
+    """Draws a scene and its question: (shapes, question, answer, rationale, perception_words)."""
+    if kind == "single_color":
+        shapes = _scene(rng, _random_looks(rng, 1))
+        (only,) = shapes
+        rationale = _seen(shapes, "shape")
         return (
-            question,
-            color,
-            f"I see 1 {shape} and it is {color}. So {color}.",
-            ["1", shape, color],
+            shapes,
+            "What color is the shape?",
+            only["color"],
+            rationale,
+            [
+                only["color"],
+                only["shape"],
+            ],
         )
-    if kind == "exist":
-        present = sorted({(s["color"], s["shape"]) for s in shapes})
-        if rng.random() < 0.5:
-            color, shape = rng.choice(present)
-        else:
-            color, shape = rng.choice(
-                [(c, k) for c in COLORS for k in SHAPES if (c, k) not in present]
-            )
-        answer = "yes" if (color, shape) in present else "no"
-        noun = _plural(shape, len(of[shape]))
-        text, words = _seen(of[shape], noun, [noun])
-        return f"Is there a {color} {shape}?", answer, f"{text} So {answer}.", words
-    if kind == "position":
-        combos = [(s["color"], s["shape"]) for s in shapes]
-        unique: list[Shape] = [
-            s for s in left_to_right if combos.count((s["color"], s["shape"])) == 1
-        ]
-        pairs: list[tuple[Shape, Shape]] = [
-            (p, q) for i, p in enumerate(unique) for q in unique[i + 1 :] if _box(p)[2] < _box(q)[0]
-        ]  # a lies strictly left of b
-        if not pairs:
-            return None
-        first, second = rng.choice(pairs)  # first is left of second
-        if rng.random() < 0.5:
-            first, second = second, first
-        relation = rng.choice(("left", "right"))
-        first_side = "left" if first["x"] < second["x"] else "right"
-        second_side = "right" if first_side == "left" else "left"
-        answer = "yes" if relation == first_side else "no"
-        name_1 = f"{first['color']} {first['shape']}"
-        name_2 = f"{second['color']} {second['shape']}"
-        text = f"The {name_1} is on the {first_side} and the {name_2} is on the {second_side}."
-        words = [
+    if kind == "unique_color":
+        shape = rng.choice(SHAPES)
+        others = [k for k in SHAPES if k != shape]
+        looks = [(shape, rng.choice(COLORS))]
+        looks += [(rng.choice(others), rng.choice(COLORS)) for _ in range(rng.randint(1, 4))]
+        rng.shuffle(looks)
+        shapes = _scene(rng, looks)
+        (only,) = [s for s in shapes if s["shape"] == shape]
+        rationale = _seen([only], shape)
+        return shapes, f"What color is the {shape}?", only["color"], rationale, [only["color"]]
+    if kind == "color_count":
+        color = rng.choice(COLORS)
+        count = rng.randint(0, 3)
+        others = [c for c in COLORS if c != color]
+        n = rng.randint(max(count, 1), 5)
+        looks = [(rng.choice(SHAPES), color) for _ in range(count)]
+        looks += [(rng.choice(SHAPES), rng.choice(others)) for _ in range(n - count)]
+        rng.shuffle(looks)
+        shapes = _scene(rng, looks)
+        items = sorted((s for s in shapes if s["color"] == color), key=lambda s: s["x"])
+        rationale = _seen(items, f"{color} {_plural('shape', count)}")
+        words = [str(count), *(s["shape"] for s in items)]
+        return shapes, f"How many {color} shapes are there?", str(count), rationale, words
+    if kind == "total_count":
+        shapes = _scene(rng, _random_looks(rng, rng.randint(1, 5)))
+        items = sorted(shapes, key=lambda s: s["x"])
+        rationale = _seen(items, _plural("shape", len(items)))
+        words = [str(len(items)), *(w for s in items for w in (s["color"], s["shape"]))]
+        return shapes, "How many shapes are there?", str(len(items)), rationale, words
+    if kind == "leftmost_color":
+        n = rng.randint(2, 5)
+        while True:
+            shapes = _scene(rng, _random_looks(rng, n))
+            first, second = sorted(shapes, key=lambda s: s["x"])[:2]
+            if second["x"] - first["x"] >= LEFTMOST_GAP:
+                break
+        rationale = f"The leftmost shape is a {first['color']} {first['shape']}."
+        return (
+            shapes,
+            "What color is the leftmost shape?",
             first["color"],
-            first["shape"],
-            first_side,
-            second["color"],
-            second["shape"],
-            second_side,
-        ]
-        return f"Is the {name_1} {relation} of the {name_2}?", answer, f"{text} So {answer}.", words
-    if kind == "arith":
-        one, two = rng.sample(SHAPES, 2)
-        n1, n2 = len(of[one]), len(of[two])
-        if rng.random() < 0.5:
-            question = f"How many {one}s and {two}s are there in total?"
-            answer, expr = str(n1 + n2), f"{n1} + {n2} = {n1 + n2}."
-        else:
-            if n1 < n2:
-                (one, n1), (two, n2) = (two, n2), (one, n1)
-            question = f"How many more {one}s than {two}s are there?"
-            answer, expr = str(n1 - n2), f"{n1} - {n2} = {n1 - n2}."
-        w1, w2 = _plural(one, n1), _plural(two, n2)
-        text = f"I see {n1} {w1} and {n2} {w2}. {expr}"
-        return question, answer, text, [str(n1), w1, str(n2), w2]
+            rationale,
+            [
+                first["color"],
+                first["shape"],
+            ],
+        )
     raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
 
 
@@ -233,12 +259,7 @@ def _sample_record(rng: random.Random) -> dict[str, Any]:
     """Draws everything except the rendered image (cheap; used by :func:`corpus`)."""
     kind = rng.choice(KINDS)
     background = rng.choice(BACKGROUNDS)
-    while True:
-        shapes = _sample_scene(rng)
-        built = _question(rng, kind, shapes)
-        if built is not None:
-            break
-    question, answer, rationale, words = built
+    shapes, question, answer, rationale, words = _question(rng, kind)
     return {
         "question": question,
         "answer": answer,
@@ -316,12 +337,23 @@ class SyntheticShapes:
         self.seed = seed
         self._data: datasets.DatasetDict | None = None
 
+    @property
+    def train_seed(self) -> int:
+        """Seed of the training split: ``generate_samples(num_train, train_seed)`` gives its
+        rows with their scenes."""
+        return _derive_seed(self.seed, 0)
+
+    @property
+    def val_seed(self) -> int:
+        """Seed of the validation split."""
+        return _derive_seed(self.seed, 1)
+
     def load(self) -> datasets.DatasetDict:
         """Returns (and caches) the ``train`` and ``validation`` splits."""
         if self._data is None:
             self._data = datasets.DatasetDict(
-                train=build_dataset(self.num_train, _derive_seed(self.seed, 0)),
-                validation=build_dataset(self.num_val, _derive_seed(self.seed, 1)),
+                train=build_dataset(self.num_train, self.train_seed),
+                validation=build_dataset(self.num_val, self.val_seed),
             )
         return self._data
 
@@ -333,21 +365,7 @@ def corpus(n: int = 2000, seed: int = 0) -> list[str]:
     """
     plurals = [f"{s}s" for s in SHAPES]
     vocab = " ".join(
-        [
-            *SHAPES,
-            *plurals,
-            *COLORS,
-            "shape",
-            "shapes",
-            *map(str, range(10)),
-            "yes",
-            "no",
-            "left",
-            "right",
-            "+",
-            "-",
-            "=",
-        ]
+        [*SHAPES, *plurals, *COLORS, "shape", "shapes", "leftmost", *map(str, range(10))]
     )
     rng = random.Random(seed)
     texts = [vocab, INSTRUCTION]
