@@ -1,17 +1,29 @@
 """Build tiny vision-language models offline: the embedded default and the models tests use.
 
 The embedded default (``builtin:tiny-qwen2.5-vl``) is a real ``Qwen2_5_VLForConditionalGeneration``
-with a byte-level BPE tokenizer trained on the synthetic task's text and a Qwen image processor,
-warm-started by a short supervised phase on the synthetic task so that RL starts from a policy
-that is sometimes right. ``scripts/build_tiny_model.py`` rebuilds it from a seed.
+with a byte-level BPE tokenizer trained on the synthetic task's text and a Qwen image processor.
+It is built in two stages so that it looks at its image:
+
+1. :func:`pretrain_vision` trains the vision tower and merger alone, through a throw-away linear
+   :class:`RegionHead`, to predict each image token's region facts
+   (:func:`cppo_lightning.data.synthetic.region_targets`). Without it the supervised phase
+   collapses the image features of a randomly initialised tower to a near-constant (the question
+   priors are the faster way down the loss) and the model answers the same for any image.
+2. :func:`supervised_warm_start` trains the whole model on the reference solutions, with the
+   region loss kept on as an auxiliary term, so that RL starts from a policy that is sometimes
+   right and whose answers depend on the image.
+
+``scripts/build_tiny_model.py`` rebuilds it from a seed and checks that it looks.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any, cast
 
 import datasets
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -142,6 +154,80 @@ def build_random_tiny(
     return model, processor
 
 
+class RegionHead(torch.nn.Linear):
+    """Throw-away linear probe from each merged image token to its region targets."""
+
+    def __init__(self, model: Any, num_targets: int) -> None:
+        super().__init__(model.config.vision_config.out_hidden_size, num_targets)
+
+
+def image_token_features(model: Any, vision: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[images * tokens, D]`` the merged image-token features the language model receives."""
+    return model.model.visual(
+        vision["pixel_values"], grid_thw=vision["image_grid_thw"]
+    ).pooler_output
+
+
+def region_loss(
+    model: Any, head: RegionHead, vision: dict[str, torch.Tensor], targets: torch.Tensor
+) -> torch.Tensor:
+    """Binary cross-entropy of ``head`` on every image token against ``targets`` ``[B, T, C]``."""
+    logits = head(image_token_features(model, vision))  # [B * T, C]
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, targets.reshape(logits.shape)
+    )
+
+
+def _vision_inputs(processor: Any, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+    out = processor.image_processor(images=list(images), return_tensors="pt")
+    return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+
+def pretrain_vision(
+    model: Any,
+    processor: Any,
+    images: Sequence[Any],
+    targets: np.ndarray,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> tuple[RegionHead, list[float]]:
+    """Trains the vision tower and merger (nothing else) to predict each token's region facts.
+
+    Args:
+        model: A Qwen2.5-VL model.
+        processor: Its processor.
+        images: Training images.
+        targets: ``[len(images), tokens, C]`` region targets of each image.
+        steps: Optimizer steps (AdamW, constant ``lr``).
+        batch_size: Images per step.
+        lr: Learning rate.
+        seed: Seeds the head's initialisation and the batch order.
+
+    Returns:
+        The trained :class:`RegionHead` and the loss of every step.
+    """
+    torch.manual_seed(seed)
+    head = RegionHead(model, targets.shape[-1])
+    params = [*model.model.visual.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    order = random.Random(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        index = order.sample(range(len(images)), batch_size)
+        vision = _vision_inputs(processor, [images[i] for i in index])
+        loss = region_loss(model, head, vision, torch.from_numpy(targets[index]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return head, losses
+
+
 def supervised_warm_start(
     model: torch.nn.Module,
     processor: Any,
@@ -151,24 +237,39 @@ def supervised_warm_start(
     batch_size: int = 32,
     lr: float = 2e-3,
     seed: int = 0,
+    region_head: RegionHead | None = None,
+    targets: np.ndarray | None = None,
+    region_weight: float = 0.5,
 ) -> list[float]:
-    """Teacher-forced training on the reference solutions (loss on response tokens only).
+    """Teacher-forced training on the reference solutions (loss on response tokens only),
+    AdamW with ``lr`` decayed linearly to 0 and gradients clipped at norm 1.
+
+    With ``region_head`` and ``targets`` (``[len(dataset), tokens, C]``), ``region_weight`` times
+    the region loss of :func:`pretrain_vision` is added, which keeps the image features apart.
 
     Returns the loss of every step.
     """
     collate = PromptCollator(processor, INSTRUCTION)
     tokenizer = processor.tokenizer
     eos = tokenizer.eos_token
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    params = list(model.parameters())
+    if region_head is not None:
+        if targets is None or len(targets) != len(dataset):
+            raise ValueError("region_head needs targets for every row of the dataset.")
+        params += list(region_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
     order = random.Random(seed)
     losses = []
     model.train()
     for _ in range(steps):
-        rows = [dataset[i] for i in order.sample(range(len(dataset)), batch_size)]
+        index = order.sample(range(len(dataset)), batch_size)
+        rows = [dataset[i] for i in index]
         prompts = collate(rows)
-        targets = tokenizer([r["solution"] + eos for r in rows], padding=True, return_tensors="pt")
-        response_ids, response_mask = targets["input_ids"], targets["attention_mask"]
+        solutions = tokenizer(
+            [r["solution"] + eos for r in rows], padding=True, return_tensors="pt"
+        )
+        response_ids, response_mask = solutions["input_ids"], solutions["attention_mask"]
         inputs = {
             "input_ids": torch.cat([prompts.input_ids, response_ids], 1),
             "attention_mask": torch.cat([prompts.attention_mask, response_mask], 1),
@@ -180,9 +281,13 @@ def supervised_warm_start(
         labels = torch.full_like(inputs["input_ids"], -100)
         labels[:, prompts.input_ids.shape[1] :] = response_ids.masked_fill(response_mask == 0, -100)
         loss = model(**inputs, labels=labels).loss
+        if region_head is not None:
+            assert targets is not None
+            aux = region_loss(model, region_head, prompts.vision, torch.from_numpy(targets[index]))
+            loss = loss + region_weight * aux
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
@@ -221,3 +326,28 @@ def heldout_accuracy(
         answers = [r["answer"] for r in rows for _ in range(samples)]
         correct += sum(exact_match_reward(texts, answer=answers))
     return correct / (len(dataset) * samples)
+
+
+def looking_problems(
+    greedy: dict[str, dict[str, Any]], min_gap: float, accuracy_range: tuple[float, float]
+) -> list[str]:
+    """Why a built model does not pass as one that looks at its image (empty if it does).
+
+    Args:
+        greedy: Image condition (``original``, ``blank``, ``shuffled``) -> ``{"accuracy": ...}``,
+            greedy held-out accuracy under that condition.
+        min_gap: Least accuracy with the original images above each other condition.
+        accuracy_range: Where the original images' accuracy must lie (room to learn, and reward
+            variance inside GRPO groups).
+    """
+    original = greedy["original"]["accuracy"]
+    problems = [
+        f"greedy accuracy with {name} images is {result['accuracy']:.3f}, less than "
+        f"{min_gap:.2f} below the original images' {original:.3f}"
+        for name, result in greedy.items()
+        if name != "original" and original - result["accuracy"] < min_gap
+    ]
+    low, high = accuracy_range
+    if not low <= original <= high:
+        problems.append(f"greedy accuracy {original:.3f} is outside [{low}, {high}]")
+    return problems
