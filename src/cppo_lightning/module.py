@@ -25,7 +25,12 @@ from torchmetrics import MeanMetric
 
 from cppo_lightning.detection import TokenSelector
 from cppo_lightning.losses import aggregate, group_advantages, kl_estimate, policy_loss
-from cppo_lightning.perception import PerceptionObjective, detect_tokens, micro_batch
+from cppo_lightning.perception import (
+    PerceptionObjective,
+    PerceptionTerm,
+    detect_tokens,
+    micro_batch,
+)
 from cppo_lightning.policy import (
     DEFAULT_MODEL,
     LoraSettings,
@@ -41,6 +46,16 @@ from cppo_lightning.policy import (
 from cppo_lightning.records import PromptBatch, RolloutBatch, UpdateRecord
 from cppo_lightning.rewards import WeightedReward
 from cppo_lightning.rollout import Sampling, collect_rollouts, rollout_metrics
+
+# The per-token fields of a PerceptionTerm that UpdateRecord keeps, in its field order.
+_RECORDED = ("mask", "entropy", "entropy_removed")
+
+
+def _joined(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The micro-batches' ``[n, L]`` pieces in response order, or None if any has none."""
+    if not parts or any(p is None for p in parts):
+        return None
+    return torch.cat(cast(list[torch.Tensor], parts))
 
 
 def _is_fsdp(module: Any) -> bool:
@@ -427,12 +442,12 @@ class CPPOModule(LightningModule):
 
     def compute_loss(
         self, rollout: RolloutBatch, index: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], PerceptionTerm | None]:
         """Loss of one micro-batch: clipped surrogate + beta * KL + the perception term.
 
         Returns:
-            The loss, detached statistics, and the ``[n, L]`` perception tokens it used (None
-            when the objective selects no tokens).
+            The loss, detached statistics, and the perception term (its ``[n, L]`` selected
+            tokens and their entropies; None without a perception loss).
         """
         assert self.policy is not None and rollout.advantages is not None
         mask = rollout.response_mask[index]  # [n, L]
@@ -465,7 +480,7 @@ class CPPOModule(LightningModule):
             )
             loss = loss + self.kl_coef * kl
             stats["train/kl"] = kl.detach()
-        perception_mask = None
+        term = None
         if self.perception_loss is not None:
             micro = micro_batch(
                 self.policy,
@@ -484,9 +499,8 @@ class CPPOModule(LightningModule):
             )
             loss = loss + term.loss
             stats.update({f"perception/{k}": v for k, v in term.stats.items()})
-            perception_mask = term.mask
         stats["train/loss"] = loss.detach()
-        return loss, stats, perception_mask
+        return loss, stats, term
 
     def detect_perception_tokens(self, rollout: RolloutBatch) -> RolloutBatch:
         """Detect perception tokens with the current (rollout-time) policy, before any update
@@ -520,19 +534,19 @@ class CPPOModule(LightningModule):
         scheduler = self.lr_schedulers()
         sums: dict[str, float] = {}
         count = 0
-        masks: list[torch.Tensor] = []
+        terms: list[PerceptionTerm] = []
         for mini in self._mini_batches(rollout):
             optimizer.zero_grad()
             micros = list(self._micro_batches(mini))
             for i, micro in enumerate(micros):
                 with self._gradient_sync(last=i == len(micros) - 1):
-                    loss, stats, perception_mask = self.compute_loss(rollout, micro)
+                    loss, stats, term = self.compute_loss(rollout, micro)
                     self.manual_backward(loss / len(micros))
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
                 count += 1
-                if perception_mask is not None:
-                    masks.append(perception_mask)
+                if term is not None:
+                    terms.append(term)
             grad_norm = self._clip_gradients()
             sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + grad_norm * len(micros)
             optimizer.step()
@@ -549,7 +563,9 @@ class CPPOModule(LightningModule):
         # rank must log the same keys (each key is one all-reduce).
         self.log_dict(metrics, batch_size=rollout.num_responses, sync_dist=True)
         self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False)
-        self.last_update = UpdateRecord(rollout, torch.cat(masks) if masks else None)
+        self.last_update = UpdateRecord(
+            rollout, *(_joined([getattr(t, f) for t in terms]) for f in _RECORDED)
+        )
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         """Under DDP, gradients are all-reduced once per optimizer step, in the last

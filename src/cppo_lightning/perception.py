@@ -109,11 +109,16 @@ class PerceptionTerm(NamedTuple):
         loss: Weighted scalar added to the policy loss.
         stats: Detached scalars to log (``perception/...``).
         mask: ``[n, L]`` tokens the term was computed on, when it selects tokens.
+        entropy: ``[n, L]`` ``H`` under the original image where detection scored the tokens
+            (0 in responses it did not score), for monitors; None when it scores none.
+        entropy_removed: ``[n, L]`` ``H-`` under the information-removing view, likewise.
     """
 
     loss: Tensor
     stats: dict[str, Tensor]
     mask: Tensor | None = None
+    entropy: Tensor | None = None
+    entropy_removed: Tensor | None = None
 
 
 class PerceptionObjective(abc.ABC):
@@ -202,8 +207,13 @@ class ContrastivePerception(PerceptionObjective):
         stats["entropy_shift"] = shift.mean() if shift.numel() else torch.tensor(0.0)
         stats["token_fraction"] = selected.sum() / valid[rows].sum().clamp(min=1)
         full_mask[rows] = selected
+        scored = (torch.zeros_like(batch.logp), torch.zeros_like(batch.logp))  # [n, L] each
+        scored[0][rows], scored[1][rows] = (
+            entropy.to(scored[0].dtype),
+            entropy_neg.to(scored[1].dtype),
+        )
         if not selected.any():
-            return PerceptionTerm(zero, {**stats, **_empty_stats()}, full_mask)
+            return PerceptionTerm(zero, {**stats, **_empty_stats()}, full_mask, *scored)
         logits_pos = batch.view_logits("preserving", rows)  # [m, L, V]
         if self.divergence == "kl":
             # Full distributions at the selected tokens only: [1, S, V] each.
@@ -229,7 +239,7 @@ class ContrastivePerception(PerceptionObjective):
             stop_gradient_anchor=self.stop_gradient_anchor,
         )
         stats.update(cpl_stats)
-        return PerceptionTerm(weight * cpl, stats, full_mask)
+        return PerceptionTerm(weight * cpl, stats, full_mask, *scored)
 
 
 def _empty_stats() -> dict[str, Tensor]:

@@ -170,7 +170,12 @@ class UpdateRecord:
         rollout: The rollout batch with advantages filled in.
         perception_mask: ``[N, L]`` the tokens the perception loss used (after gating), or None
             when the objective selects no tokens.
+        entropy: ``[N, L]`` the entropy under the original image of the tokens detection scored
+            (0 in the responses it did not score, e.g. gated out), or None.
+        entropy_removed: ``[N, L]`` the same under the information-removing view, or None.
     """
 
     rollout: RolloutBatch
     perception_mask: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    entropy_removed: torch.Tensor | None = None

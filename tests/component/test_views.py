@@ -108,8 +108,8 @@ def test_identical_views_select_nothing_and_add_no_loss(tiny_model_dir):
     batch = _first_batch(dm)
     rollout = module.prepare_update(module.collect_rollout(batch, Sampling(12, 1.0)))
     index = torch.arange(rollout.num_responses)
-    _loss, stats, mask = module.compute_loss(rollout, index)
-    assert mask is not None and not mask.any()
+    _loss, stats, term = module.compute_loss(rollout, index)
+    assert term is not None and term.mask is not None and not term.mask.any()
     assert stats["perception/cpl"] == 0 and stats["perception/selected_tokens"] == 0
 
 
@@ -119,13 +119,18 @@ def test_the_contrastive_term_trains_through_the_views(tiny_model_dir):
     batch = _first_batch(dm)
     rollout = module.prepare_update(module.collect_rollout(batch, Sampling(12, 1.0)))
     index = torch.arange(rollout.num_responses)
-    _, stats, mask = module.compute_loss(rollout, index)
-    assert mask.any() and stats["perception/selected_tokens"] > 0
+    _, stats, term = module.compute_loss(rollout, index)
+    assert term is not None and term.mask is not None
+    assert term.mask.any() and stats["perception/selected_tokens"] > 0
+    # The entropies detection scored with travel with the mask, for the monitor's baselines.
+    assert term.entropy is not None and term.entropy_removed is not None
+    assert term.entropy.shape == term.mask.shape
+    assert (term.entropy_removed - term.entropy)[term.mask].min() > 0
     # The CPL alone (lambda large, policy loss zeroed by zero advantages) has a gradient.
     rollout = dataclasses.replace(rollout, advantages=torch.zeros_like(rollout.advantages))
     module.set_cpl_weight(1.0)
-    loss, stats, mask = module.compute_loss(rollout, index)
-    assert mask.any()
+    loss, stats, term = module.compute_loss(rollout, index)
+    assert term is not None and term.mask is not None and term.mask.any()
     loss.backward()
     grads = [p.grad for p in module.trainable_parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from cppo_lightning.callbacks import CPLWeight
-from cppo_lightning.callbacks.monitor import detection_precision, perception_word_labels
+from cppo_lightning.callbacks.monitor import (
+    RHOS,
+    baseline_counts,
+    detection_precision,
+    perception_word_labels,
+    top_entropy_tokens,
+)
+from cppo_lightning.detection import TokenSelector
 
 
 def test_constant_weight_with_linear_warmup():
@@ -72,3 +79,40 @@ def test_detection_precision_against_the_pool():
     precision, base_rate = detection_precision(selected, labels, pool)
     assert precision == pytest.approx(1 / 2)  # one of two selected tokens is labelled
     assert base_rate == pytest.approx(2 / 4)  # two of the pool's four tokens are labelled
+
+
+def test_only_the_reasoning_is_labelled():
+    text = "<think>I see 2 red shapes.</think>\\boxed{2}"
+    ids, mask = _encode(text, len(text))
+    labels = perception_word_labels(
+        CharTokenizer(), torch.tensor([ids]), torch.tensor([mask]), [["2"]]
+    )
+    # The "2" of the reasoning, not the boxed answer that repeats it.
+    assert labels[0].nonzero().flatten().tolist() == [text.index("2")]
+    everywhere = perception_word_labels(
+        CharTokenizer(), torch.tensor([ids]), torch.tensor([mask]), [["2"]], end_of_reasoning=None
+    )
+    assert everywhere[0].nonzero().flatten().tolist() == [text.index("2"), text.rindex("2")]
+
+
+def test_top_entropy_tokens_take_each_responses_budget_from_its_pool():
+    entropy = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.9, 0.8, 0.1, 0.2]])
+    pool = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)  # row 0's last is padding
+    chosen = top_entropy_tokens(entropy, pool, torch.tensor([2, 0]))
+    assert chosen.tolist() == [[False, True, True, False], [False] * 4]
+
+
+def test_baselines_share_detections_budget():
+    labels = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 0]], dtype=torch.bool)
+    pool = torch.ones(2, 4, dtype=torch.bool)
+    selected = torch.tensor([[1, 0, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)  # budgets 1 and 2
+    entropy = torch.tensor([[0.1, 2.0, 0.2, 0.3], [0.5, 0.4, 0.3, 0.2]])
+    removed = entropy + torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 1.0]])
+    counts = baseline_counts(selected, labels, pool, entropy, removed, TokenSelector())
+    # Random: 1 * 2/4 + 2 * 1/4 labelled tokens expected among 3 chosen.
+    assert counts["random"].tolist() == pytest.approx([1.0, 3.0])
+    # Highest entropy: token 1 of row 0 (labelled); tokens 0 and 1 of row 1 (not labelled).
+    assert counts["entropy"].tolist() == [1.0, 3.0]
+    assert set(counts) == {"random", "entropy", *(f"rho{rho}" for rho in RHOS)}
+    # rho 0.5 of the entropy-raising tokens: row 0 has one (kept), row 1 two (one kept: token 2).
+    assert counts["rho0.5"].tolist() == [2.0, 2.0]

@@ -1,7 +1,8 @@
-"""What the perception objective is doing: detection precision, image and text panels."""
+"""What the perception objective is doing: detection precision against baselines, panels."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -10,20 +11,34 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from cppo_lightning.detection import TokenSelector
 from cppo_lightning.module import CPPOModule
 from cppo_lightning.records import UpdateRecord
 
+#: The detection budgets ``rho`` (top fraction of the entropy-raising tokens) reported beside the
+#: configured one.
+RHOS = (0.1, 0.25, 0.5)
+
 
 def perception_word_labels(
-    tokenizer: Any, response_ids: torch.Tensor, response_mask: torch.Tensor, words: Sequence[list]
+    tokenizer: Any,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    words: Sequence[list],
+    end_of_reasoning: str | None = "</think>",
 ) -> torch.Tensor:
     """``[N, L]`` True on response tokens that overlap one of the response's perception words.
+
+    Only the reasoning counts: words after ``end_of_reasoning`` (the boxed answer, which repeats
+    what the reasoning found, not something read from the image again) are not labelled. A
+    response without it is labelled throughout.
 
     Args:
         tokenizer: Decodes single tokens (their concatenation must give the response text).
         response_ids: ``[N, L]``.
         response_mask: ``[N, L]``.
         words: N lists of words (whole-word, case-insensitive matches in the response).
+        end_of_reasoning: The text that ends the reasoning, or None to label everywhere.
     """
     labels = torch.zeros(response_ids.shape, dtype=torch.bool)
     lengths = response_mask.sum(1).tolist()
@@ -32,6 +47,9 @@ def perception_word_labels(
     ):
         pieces = tokenizer.batch_decode([[t] for t in ids[: int(length)]])
         text = "".join(pieces)
+        limit = text.find(end_of_reasoning) if end_of_reasoning else -1
+        if limit >= 0:
+            text = text[:limit]
         spans = [
             match.span()
             for word in {str(w) for w in row_words if str(w).strip()}
@@ -57,6 +75,55 @@ def detection_counts(
     ).float()
 
 
+def top_entropy_tokens(
+    entropy: torch.Tensor, pool: torch.Tensor, budget: torch.Tensor
+) -> torch.Tensor:
+    """``[N, L]`` bool: per response, the ``budget[r]`` pool tokens of highest ``entropy``.
+
+    The high-entropy baseline of detection: the tokens a model is least sure of under the
+    original image, without looking at any other view.
+    """
+    scores = entropy.float().masked_fill(~pool, float("-inf"))
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+    return (ranks < budget[:, None]) & pool
+
+
+def baseline_counts(
+    selected: torch.Tensor,
+    labels: torch.Tensor,
+    pool: torch.Tensor,
+    entropy: torch.Tensor,
+    entropy_removed: torch.Tensor,
+    selector: TokenSelector,
+) -> dict[str, torch.Tensor]:
+    """Labelled and chosen token counts of detection's baselines (``[2]`` float each).
+
+    With the budget of tokens per response that detection used:
+
+    - ``random``: uniformly random pool tokens; the exact expectation
+      ``sum_r k_r * labelled_r / pool_r`` is returned, so no random draw adds noise;
+    - ``entropy``: the tokens of highest entropy under the original image
+      (:func:`top_entropy_tokens`).
+
+    And detection itself at each ``rho`` of :data:`RHOS` (``rho0.1``, ...), with the selector's
+    other options.
+    """
+    selected, labels, pool = selected.bool().cpu(), labels.bool().cpu(), pool.bool().cpu()
+    entropy, entropy_removed = entropy.float().cpu(), entropy_removed.float().cpu()
+    budget = (selected & pool).sum(1)  # [N]
+    labelled, size = (labels & pool).sum(1), pool.sum(1).clamp(min=1)
+    counts = {"random": torch.stack([(budget * labelled / size).sum(), budget.sum()]).float()}
+    chosen = {"entropy": top_entropy_tokens(entropy, pool, budget)}
+    for rho in RHOS:
+        at = dataclasses.replace(selector, top_fraction=rho, top_k=None, gate_advantages=False)
+        chosen[f"rho{rho}"] = at(entropy, entropy_removed, pool.to(entropy.dtype)) & pool
+    for name, mask in chosen.items():
+        counts[name] = torch.stack([(mask & labels).sum(), mask.sum()]).float()
+    return counts
+
+
 def detection_precision(
     selected: torch.Tensor, labels: torch.Tensor, pool: torch.Tensor
 ) -> tuple[float, float]:
@@ -69,9 +136,14 @@ class PerceptionMonitor(pl.Callback):
     """Logs how well detection finds perception words, and panels of views and responses.
 
     Every step, when the dataset has a ``words_column`` (the synthetic task's ground-truth
-    perception words): ``perception/precision`` (share of selected tokens inside a perception
-    word) and ``perception/base_rate`` (share of tokens inside one among all tokens detection
-    chose from, i.e. the responses that passed the gate). Every ``every_n_steps`` steps, to
+    perception words, labelled inside the reasoning by :func:`perception_word_labels`):
+    ``perception/precision`` (share of selected tokens inside a perception word) and
+    ``perception/base_rate`` (share of tokens inside one among all tokens detection chose from,
+    i.e. the responses that passed the gate); and, where the objective reports the entropies it
+    scored, the precision of baselines with the same budget of tokens per response,
+    ``perception/precision_random`` and ``perception/precision_entropy`` (highest entropy under
+    the original image), and of detection at other budgets, ``perception/precision_rho0.1``,
+    ``..._rho0.25`` and ``..._rho0.5`` (:func:`baseline_counts`). Every ``every_n_steps`` steps, to
     TensorBoard: original | preserving | removing images of ``num_prompts`` prompts, and their
     first responses with the selected tokens in ``[[...]]``. Does nothing for what a run does
     not produce (no views under GRPO, no selected tokens under PAPO).
@@ -123,18 +195,32 @@ class PerceptionMonitor(pl.Callback):
             if selector is not None and selector.gate_advantages:
                 assert rollout.advantages is not None
                 pool &= (rollout.advantages > 0).cpu()[:, None]
-            counts = detection_counts(record.perception_mask, labels, pool).to(pl_module.device)
+            parts = [detection_counts(record.perception_mask, labels, pool)]
+            baselines: dict[str, torch.Tensor] = {}
+            if record.entropy is not None and record.entropy_removed is not None:
+                assert selector is not None
+                baselines = baseline_counts(
+                    record.perception_mask,
+                    labels,
+                    pool,
+                    record.entropy,
+                    record.entropy_removed,
+                    selector,
+                )
+                parts += list(baselines.values())
             # Summed over ranks on every rank (a collective must not depend on the data), then
             # logged where something was selected anywhere.
-            hits, chosen, labelled, candidates = trainer.strategy.reduce(counts, reduce_op="sum")
+            counts = trainer.strategy.reduce(torch.cat(parts).to(pl_module.device), reduce_op="sum")
+            hits, chosen, labelled, candidates = counts[:4]
             if chosen > 0:
-                pl_module.log_dict(
-                    {
-                        "perception/precision": float(hits / chosen),
-                        "perception/base_rate": float(labelled / candidates.clamp(min=1)),
-                    },
-                    batch_size=rollout.num_responses,
-                )
+                metrics = {
+                    "perception/precision": float(hits / chosen),
+                    "perception/base_rate": float(labelled / candidates.clamp(min=1)),
+                }
+                for i, name in enumerate(baselines):
+                    hit, size = counts[4 + 2 * i : 6 + 2 * i]
+                    metrics[f"perception/precision_{name}"] = float(hit / size.clamp(min=1))
+                pl_module.log_dict(metrics, batch_size=rollout.num_responses)
         if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
