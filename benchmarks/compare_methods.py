@@ -1,43 +1,76 @@
-"""GRPO, PAPO and CPPO on the same run, and how well CPPO's detection finds perception words.
+"""The study: GRPO, PAPO and CPPO on the default run, several seeds, same data and evaluation.
 
-    python benchmarks/compare_methods.py --seeds 0                # train the three, summarise
-    python benchmarks/compare_methods.py --seeds 0 --no-train     # summarise existing runs
+    python benchmarks/compare_methods.py --seeds 0 1 2               # train, evaluate, summarise
+    python benchmarks/compare_methods.py --seeds 0 1 2 --no-train    # summarise existing runs
 
 Each (method, seed) runs the README's command with the method's overlay (CPPO is
 configs/base.yaml itself; GRPO and PAPO add configs/experiments/{grpo,papo}.yaml) into
-runs/compare/METHOD-seedSEED. The script prints a markdown table of `val/accuracy` per method,
-and, for CPPO, the precision of the selected tokens against the base rate of perception words
-among the tokens detection chose from (`perception/precision`, `perception/base_rate`, logged
-every step by PerceptionMonitor), averaged over the first and the last `--window` steps. It
-writes docs/img/methods.png and docs/img/detection.png.
+runs/compare/METHOD-seedSEED, then `cppo evaluate` scores its exported policy (and, once, the warm
+start) on the held-out split: avg@4 at temperature 1 under the original, blank and shuffled
+images, into runs/compare/eval/NAME. The script prints markdown tables:
+
+- held-out avg@4 after training per run and per method (mean over seeds with a 95% t-interval),
+  with the visual-reliance gaps (original minus blank, minus shuffled) of the warm start and after
+  training, and the greedy figures the Evaluation callback logged at the first and last step;
+- CPPO's detection per seed, early (first third of the logged steps) and late (last third):
+  precision of the selected tokens, the base rate, the random and highest-entropy baselines with
+  the same budget, and the precision at rho 0.1 / 0.25 / 0.5 (PerceptionMonitor's
+  `perception/precision*`), each a mean over logged steps;
+- the contrastive term per seed: median D+ and D-, median `perception/contrast_accuracy`, mean
+  `perception/cpl` over the first and last tenth;
+- the median step time of each run (rollout + update as logged; the side-by-side ratio of
+  benchmarks/step_time.py is the one to quote).
+
+It writes docs/img/methods.png (val/accuracy), gap.png (greedy gap over training), detection.png
+(precision against the baselines) and cpl.png (D+, D-, CPL).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 OVERLAYS = {"grpo": "configs/experiments/grpo.yaml", "papo": "configs/experiments/papo.yaml"}
+WARM_START = "builtin:tiny-qwen2.5-vl"
+CONDITIONS = ("original", "blank", "shuffled")
+DETECTION = (
+    ("precision", "selected"),
+    ("base_rate", "base rate"),
+    ("precision_random", "random"),
+    ("precision_entropy", "highest entropy"),
+    ("precision_rho0.1", "rho 0.1"),
+    ("precision_rho0.25", "rho 0.25"),
+    ("precision_rho0.5", "rho 0.5"),
+)
+# Two-sided 95% Student t quantiles by degrees of freedom (n - 1 seeds).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def read_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+def latest_version(run_dir: Path) -> Path:
     versions = sorted(
         (run_dir / "lightning_logs").glob("version_*"), key=lambda p: p.stat().st_mtime
     )
     if not versions:
         raise FileNotFoundError(f"no lightning_logs/version_* under {run_dir}: run it first.")
-    events = EventAccumulator(str(versions[-1]), size_guidance={"scalars": 0})
+    return versions[-1]
+
+
+def read_all_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(latest_version(run_dir)), size_guidance={"scalars": 0})
     events.Reload()
-    if tag not in events.Tags()["scalars"]:
-        return []
-    return [(e.step, e.value) for e in events.Scalars(tag)]
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
 
 
 def train(method: str, seed: int, run_dir: Path) -> float:
@@ -55,14 +88,60 @@ def train(method: str, seed: int, run_dir: Path) -> float:
     return time.perf_counter() - start
 
 
+def evaluate(model: str, output: Path) -> dict[str, dict[str, Any]]:
+    """avg@4 at temperature 1 under each condition (cached in ``output``/results.json)."""
+    results = output / "results.json"
+    if not results.is_file():
+        command = [
+            "cppo",
+            "evaluate",
+            model,
+            "--eval",
+            "configs/eval/synthetic.yaml",
+            "--samples",
+            "4",
+            "--temperature",
+            "1.0",
+            "--batch-size",
+            "16",
+            "--images",
+            *CONDITIONS,
+            "--output",
+            str(output),
+            "--no-progress-bar",
+        ]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    payload = json.loads(results.read_text())
+    return {r["images"]: r for r in payload["results"]}
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval (nan for one value)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, half
+
+
+def window(series: list[tuple[int, float]], first: float, last: float) -> list[float]:
+    """Values of ``series`` whose position lies in the ``[first, last)`` fraction of it."""
+    n = len(series)
+    return [v for i, (_, v) in enumerate(series) if first * n <= i < max(last * n, first * n + 1)]
+
+
+def pct(value: float) -> str:
+    return "-" if math.isnan(value) else f"{100 * value:.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["grpo", "papo", "cppo"])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare")
-    parser.add_argument("--window", type=int, default=50, help="steps averaged early / late")
     parser.add_argument("--no-train", action="store_true", help="only read existing runs")
     parser.add_argument("--img", type=Path, default=REPO / "docs" / "img")
     args = parser.parse_args()
@@ -73,47 +152,124 @@ def main() -> None:
     if not args.no_train:
         for seed in args.seeds:
             for method in args.methods:
+                if (run_dir(method, seed) / "lightning_logs").is_dir():
+                    print(f"{method} seed {seed}: exists, not retrained", flush=True)
+                    continue
                 seconds = train(method, seed, run_dir(method, seed))
                 print(f"{method} seed {seed}: {seconds:.0f} s", flush=True)
 
-    # Runs that do not exist (e.g. baselines trained for fewer seeds) are left out.
-    curves = {
-        (m, s): read_scalars(run_dir(m, s), "val/accuracy")
+    runs = [
+        (m, s)
         for m in args.methods
         for s in args.seeds
         if (run_dir(m, s) / "lightning_logs").is_dir()
+    ]
+    scalars = {run: read_all_scalars(run_dir(*run)) for run in runs}
+    warm = evaluate(WARM_START, args.out / "eval" / "warm-start")
+    final = {
+        run: evaluate(
+            str(latest_version(run_dir(*run)) / "hf_policy"),
+            args.out / "eval" / f"{run[0]}-seed{run[1]}",
+        )
+        for run in runs
     }
-    steps = sorted({step for curve in curves.values() for step, _ in curve})
-    print("\nval/accuracy (avg@4, T=1, 256 held-out prompts)\n")
-    print("| step | " + " | ".join(f"{m} s{s}" for m, s in curves) + " |")
-    print("|---:|" + "---:|" * len(curves))
-    for step in steps:
-        cells = [dict(curve).get(step) for curve in curves.values()]
-        print(f"| {step} | " + " | ".join("" if v is None else f"{v:.3f}" for v in cells) + " |")
-    for (m, s), curve in curves.items():
-        print(f"{m} seed {s}: gain {100 * (curve[-1][1] - curve[0][1]):+.1f} points")
 
-    detection = {}
-    if "cppo" in args.methods:
-        print(f"\nCPPO detection, mean over the first / last {args.window} steps\n")
-        print("| seed | window | precision | base rate | lift |")
-        print("|---:|---|---:|---:|---:|")
-        for seed in [s for m, s in curves if m == "cppo"]:
-            precision = read_scalars(run_dir("cppo", seed), "perception/precision")
-            base = read_scalars(run_dir("cppo", seed), "perception/base_rate")
-            detection[seed] = (precision, base)
-            last = precision[-1][0]
-            for name, first_step, last_step in (
-                ("early", 0, args.window - 1),
-                ("late", last - args.window + 1, last),
-            ):
-                part_p = [(t, v) for t, v in precision if first_step <= t <= last_step]
-                part_b = [v for t, v in base if first_step <= t <= last_step]
-                p = statistics.mean(v for _, v in part_p)
-                b = statistics.mean(part_b)
-                steps_ = f"steps {part_p[0][0]}-{part_p[-1][0]}, {len(part_p)} points"
-                print(f"| {seed} | {name} ({steps_}) | {p:.3f} | {b:.3f} | {p / b:.2f}x |")
+    def gaps(results: dict[str, dict[str, Any]]) -> str:
+        return " / ".join(f"{100 * results[c]['gap']:+.1f}" for c in CONDITIONS[1:])
 
+    def greedy(run: tuple[str, int], at: int) -> str:
+        values = [scalars[run].get(f"eval/synthetic/{c}/accuracy", [])[at:][:1] for c in CONDITIONS]
+        if not all(values):
+            return "-"
+        original, *others = (v[0][1] for v in values)
+        return f"{pct(original)} ({' / '.join(f'{100 * (original - o):+.1f}' for o in others)})"
+
+    print("\nHeld-out (256 prompts of configs/eval/synthetic.yaml), after training\n")
+    print(
+        "| run | val/accuracy start -> end | avg@4 original [95% CI] | gap blank / shuffled | "
+        "greedy start (gaps) | greedy end (gaps) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    w = warm["original"]
+    print(
+        f"| warm start | - | {pct(w['accuracy'])} [{pct(w['ci95'][0])}-{pct(w['ci95'][1])}] | "
+        f"{gaps(warm)} | - | - |"
+    )
+    for run in runs:
+        val = scalars[run].get("val/accuracy", [])
+        r = final[run]["original"]
+        print(
+            f"| {run[0]} seed {run[1]} | {pct(val[0][1])} -> {pct(val[-1][1])} | "
+            f"{pct(r['accuracy'])} [{pct(r['ci95'][0])}-{pct(r['ci95'][1])}] | "
+            f"{gaps(final[run])} | {greedy(run, 0)} | {greedy(run, -1)} |"
+        )
+
+    print("\nPer method, mean over seeds +- 95% t-interval (points)\n")
+    print("| method | seeds | avg@4 original | gap blank | gap shuffled | val/accuracy gain |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for method in args.methods:
+        mine = [run for run in runs if run[0] == method]
+        if not mine:
+            continue
+        cells = []
+        for value in (
+            lambda run: final[run]["original"]["accuracy"],
+            lambda run: final[run]["blank"]["gap"],
+            lambda run: final[run]["shuffled"]["gap"],
+            lambda run: scalars[run]["val/accuracy"][-1][1] - scalars[run]["val/accuracy"][0][1],
+        ):
+            mean, half = mean_ci([value(run) for run in mine])
+            cells.append(f"{100 * mean:.1f} +- {pct(half)}")
+        print(f"| {method} | {len(mine)} | " + " | ".join(cells) + " |")
+
+    cppo = [run for run in runs if run[0] == "cppo"]
+    if cppo:
+        print(
+            "\nCPPO detection: share of chosen tokens inside a perception word, mean over steps\n"
+        )
+        print("| seed | window | " + " | ".join(label for _, label in DETECTION) + " | lift |")
+        print("|---:|---|" + "---:|" * (len(DETECTION) + 1))
+        for run in cppo:
+            for name, first, last in (("early", 0, 1 / 3), ("late", 2 / 3, 1), ("run", 0, 1)):
+                means = [
+                    statistics.mean(window(scalars[run][f"perception/{key}"], first, last))
+                    for key, _ in DETECTION
+                ]
+                cells = " | ".join(f"{m:.3f}" for m in means)
+                print(f"| {run[1]} | {name} | {cells} | {means[0] / means[1]:.2f}x |")
+        print("\nCPPO contrastive term\n")
+        print(
+            "| seed | median D+ | median D- | median contrast_accuracy | cpl first tenth | "
+            "cpl last tenth | lambda |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for run in cppo:
+            s = scalars[run]
+
+            def median(tag: str, s: dict = s) -> float:
+                return statistics.median(v for _, v in s[tag])
+
+            cpl = s["perception/cpl"]
+            print(
+                f"| {run[1]} | {median('perception/d_pos'):.4f} | {median('perception/d_neg'):.4f}"
+                f" | {median('perception/contrast_accuracy'):.3f}"
+                f" | {statistics.mean(window(cpl, 0, 0.1)):.3f}"
+                f" | {statistics.mean(window(cpl, 0.9, 1)):.3f}"
+                f" | {s['perception/lambda'][-1][1]:g} |"
+            )
+
+    print("\nStep time (median over logged steps of rollout/seconds + train/update_seconds)\n")
+    print("| run | rollout s | update s | step s |")
+    print("|---|---:|---:|---:|")
+    for run in runs:
+        rollout = statistics.median(v for _, v in scalars[run]["rollout/seconds"])
+        update = statistics.median(v for _, v in scalars[run]["train/update_seconds"])
+        print(f"| {run[0]} seed {run[1]} | {rollout:.3f} | {update:.3f} | {rollout + update:.3f} |")
+
+    plot(args.img, args.methods, runs, scalars)
+
+
+def plot(img: Path, methods: list[str], runs: list, scalars: dict) -> None:  # type: ignore[type-arg]
     try:
         import matplotlib
 
@@ -122,48 +278,88 @@ def main() -> None:
     except ImportError:
         print("matplotlib is not installed: no plots (pip install -e .[dev])", file=sys.stderr)
         return
-    args.img.mkdir(parents=True, exist_ok=True)
+    img.mkdir(parents=True, exist_ok=True)
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
 
     def save(fig, ax, ylabel: str, title: str, name: str) -> None:  # type: ignore[no-untyped-def]
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(args.img / name, dpi=120)
-        print(f"wrote {args.img / name}")
+        fig.savefig(img / name, dpi=120)
+        plt.close(fig)
+        print(f"wrote {img / name}")
+
+    def by_method(tag: str, ax) -> None:  # type: ignore[no-untyped-def]
+        for method in methods:
+            curves = [scalars[run].get(tag, []) for run in runs if run[0] == method]
+            curves = [c for c in curves if c]
+            for curve in curves:
+                ax.plot(*zip(*curve, strict=True), color=colours[method], alpha=0.35, lw=1)
+            if curves:
+                steps = sorted(set.intersection(*(set(dict(c)) for c in curves)))
+                mean = [statistics.mean(dict(c)[t] for c in curves) for t in steps]
+                ax.plot(
+                    steps,
+                    mean,
+                    color=colours[method],
+                    marker="o",
+                    lw=2,
+                    label=f"{method} (mean of {len(curves)} seeds)",
+                )
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for (method, seed), curve in curves.items():
-        ax.plot(*zip(*curve, strict=True), marker="o", label=f"{method} (seed {seed})")
+    by_method("val/accuracy", ax)
+    save(fig, ax, "val/accuracy (avg@4, T=1)", "Held-out accuracy, embedded model", "methods.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    for ax, condition in zip(axes, CONDITIONS[1:], strict=True):
+        by_method(f"eval/synthetic/{condition}/gap", ax)
+        ax.set_title(f"greedy accuracy: original minus {condition}", fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("gap (accuracy)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img / "gap.png", dpi=120)
+    plt.close(fig)
+    print(f"wrote {img / 'gap.png'}")
+
+    cppo = [run for run in runs if run[0] == "cppo"]
+    if not cppo:
+        return
+
+    def smooth(series: list[tuple[int, float]], width: int = 10) -> tuple[list, list]:
+        steps, values = zip(*series, strict=True)
+        return list(steps), [
+            statistics.mean(values[max(0, i - width + 1) : i + 1]) for i in range(len(values))
+        ]
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in DETECTION[:4]:
+        series = [scalars[run][f"perception/{key}"] for run in cppo]
+        steps = sorted(set.intersection(*(set(dict(c)) for c in series)))
+        mean = [(t, statistics.mean(dict(c)[t] for c in series)) for t in steps]
+        ax.plot(*smooth(mean), label=label, ls="--" if key == "base_rate" else "-")
     save(
         fig,
         ax,
-        "val/accuracy (avg@4, T=1)",
-        "Embedded tiny Qwen2.5-VL, synthetic shapes",
-        "methods.png",
+        "share of tokens in a perception word",
+        f"CPPO detection vs baselines (mean of {len(cppo)} seeds, running mean of 10 points)",
+        "detection.png",
     )
-    if detection:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for number, (seed, (precision, base)) in enumerate(detection.items()):
-            color = f"C{number}"
-            for series, label, style in (
-                (precision, "selected tokens", "-"),
-                (base, "base rate", "--"),
-            ):
-                steps_, values = zip(*series, strict=True)
-                smooth = [
-                    statistics.mean(values[max(0, i - 9) : i + 1]) for i in range(len(values))
-                ]
-                ax.plot(steps_, smooth, style, color=color, label=f"{label} (seed {seed})")
-        save(
-            fig,
-            ax,
-            "share of tokens in a perception word",
-            "CPPO: perception-word share, running mean of 10 logged points",
-            "detection.png",
-        )
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (("d_pos", "D+ (preserving)"), ("d_neg", "D- (removing)"), ("cpl", "CPL")):
+        series = [scalars[run][f"perception/{key}"] for run in cppo]
+        steps = sorted(set.intersection(*(set(dict(c)) for c in series)))
+        mean = [(t, statistics.mean(dict(c)[t] for c in series)) for t in steps]
+        ax.plot(*smooth(mean), label=label)
+    ax.axhline(math.log(2), color="grey", lw=0.8, ls=":", label="ln 2 (D+ = D-)")
+    ax.set_yscale("symlog", linthresh=0.01)
+    save(fig, ax, "nats", f"CPPO contrastive term (mean of {len(cppo)} seeds)", "cpl.png")
 
 
 if __name__ == "__main__":
