@@ -190,9 +190,12 @@ class ContrastivePerception(PerceptionObjective):
             "lambda": torch.tensor(float(weight)),
         }
         zero = batch.logp.sum() * 0.0  # keeps the graph, so backward works with nothing selected
+        # H and H- of the scored responses, 0 elsewhere: every micro-batch reports them, so that
+        # monitors (and their all-reduces under DDP) see the same fields on every rank.
+        scored = (torch.zeros_like(batch.logp), torch.zeros_like(batch.logp))  # [n, L] each
         if rows.numel() == 0:
             stats["entropy_shift"] = stats["token_fraction"] = torch.tensor(0.0)
-            return PerceptionTerm(zero, {**stats, **_empty_stats()}, full_mask)
+            return PerceptionTerm(zero, {**stats, **_empty_stats()}, full_mask, *scored)
         ids, mask = batch.response_ids[rows], batch.response_mask[rows]  # [m, L]
         logits = batch.logits[rows]  # [m, L, V]
         logits_neg = batch.view_logits("removing", rows)  # [m, L, V]
@@ -207,7 +210,6 @@ class ContrastivePerception(PerceptionObjective):
         stats["entropy_shift"] = shift.mean() if shift.numel() else torch.tensor(0.0)
         stats["token_fraction"] = selected.sum() / valid[rows].sum().clamp(min=1)
         full_mask[rows] = selected
-        scored = (torch.zeros_like(batch.logp), torch.zeros_like(batch.logp))  # [n, L] each
         scored[0][rows], scored[1][rows] = (
             entropy.to(scored[0].dtype),
             entropy_neg.to(scored[1].dtype),

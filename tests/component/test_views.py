@@ -134,3 +134,18 @@ def test_the_contrastive_term_trains_through_the_views(tiny_model_dir):
     loss.backward()
     grads = [p.grad for p in module.trainable_parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_a_micro_batch_with_every_response_gated_out_still_reports_entropies(tiny_model_dir):
+    # Under DDP every rank's monitor all-reduces the same fields: a micro-batch whose responses
+    # all have A <= 0 must still hand over (zero) entropies, not None.
+    dm = _datamodule(tiny_model_dir, Identity(), PatchMask(mask_prob=1.0))
+    module = _cppo_module(tiny_model_dir)
+    module.set_token_selector(TokenSelector(gate_advantages=True))
+    rollout = module.prepare_update(module.collect_rollout(_first_batch(dm), Sampling(12, 1.0)))
+    rollout = dataclasses.replace(rollout, advantages=torch.zeros_like(rollout.advantages))
+    _, stats, term = module.compute_loss(rollout, torch.arange(rollout.num_responses))
+    assert stats["perception/gated_fraction"] == 0
+    assert term is not None and term.mask is not None and not term.mask.any()
+    assert term.entropy is not None and term.entropy_removed is not None
+    assert not term.entropy.any() and term.entropy.shape == term.mask.shape
