@@ -110,6 +110,12 @@ def main() -> None:
     parser.add_argument("--accuracy-range", type=float, nargs=2, default=(0.30, 0.70))
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()
+    low, high = args.accuracy_range
+    if not 0.0 <= low <= high <= 1.0 or args.min_gap < 0:
+        parser.error(
+            f"--accuracy-range needs 0 <= LOW <= HIGH <= 1 and --min-gap >= 0, got "
+            f"{low} {high} and {args.min_gap}"
+        )
 
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
@@ -126,8 +132,8 @@ def main() -> None:
     targets = np.stack([region_targets(s["shapes"], s["image"]) for s in train_scenes])
     # The vision pretraining also sees an occluded copy of every image, with the targets of what
     # still shows: a pretrained VLM reads noise rectangles as something covering the scene, and
-    # the tiny tower must too, or the default information-removing view (the same occlusion)
-    # shows it new colours instead of removing information.
+    # the tiny tower is shown the default information-removing occlusion as that, before RL
+    # uses it, rather than as shapes it has never seen.
     occlusion = RandomOcclusion(keepdim=True)
     occluded = [perturb(occlusion, image, args.seed, i) for i, image in enumerate(images)]
     occluded_targets = np.stack(
@@ -135,8 +141,8 @@ def main() -> None:
     )
     # And a copy under the default information-preserving views (colour jitter, perspective,
     # rotation), with the targets of the original scene: a pretrained VLM still sees a red
-    # circle in a darker or tilted image, and the tiny tower, which otherwise reads colours by
-    # their exact values, must too, or the preserving view changes its answers.
+    # circle in a darker or tilted image, and the tiny tower, which would otherwise learn the
+    # palette's exact values only, is taught the same.
     preserving = information_preserving()
     preserved = [perturb(preserving, image, args.seed, i) for i, image in enumerate(images)]
 
