@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cppo_lightning.data.rows import image_tensor
+from cppo_lightning.data.rows import image_tensor, tensor_image
 from cppo_lightning.data.synthetic import SyntheticShapes, generate_samples, region_targets
 from cppo_lightning.evaluation.command import main as evaluate
 from cppo_lightning.perturbations import (
@@ -58,10 +58,9 @@ def perturb(
     perturbation: torch.nn.Module, image: Image.Image, seed: int, index: int
 ) -> Image.Image:
     """``image`` under ``perturbation``, seeded per image, rounded to 8 bits."""
-    tensor = image_tensor(image)
-    out = apply_seeded(perturbation, tensor, view_seed(seed, index, 0, "build"))
-    array = (out.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    return Image.fromarray(array)
+    return tensor_image(
+        apply_seeded(perturbation, image_tensor(image), view_seed(seed, index, 0, "build"))
+    )
 
 
 def measure(model_dir: Path, workdir: Path, samples: int, temperature: float) -> dict[str, Any]:

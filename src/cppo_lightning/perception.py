@@ -192,10 +192,12 @@ class ContrastivePerception(PerceptionObjective):
         zero = batch.logp.sum() * 0.0  # keeps the graph, so backward works with nothing selected
         # H and H- of the scored responses, 0 elsewhere: every micro-batch reports them, so that
         # monitors (and their all-reduces under DDP) see the same fields on every rank.
-        scored = (torch.zeros_like(batch.logp), torch.zeros_like(batch.logp))  # [n, L] each
+        scored_h = torch.zeros_like(batch.logp)  # [n, L]
+        scored_h_neg = torch.zeros_like(batch.logp)  # [n, L]
         if rows.numel() == 0:
             stats["entropy_shift"] = stats["token_fraction"] = torch.tensor(0.0)
-            return PerceptionTerm(zero, {**stats, **_empty_stats()}, full_mask, *scored)
+            empty = {**stats, **_empty_stats()}
+            return PerceptionTerm(zero, empty, full_mask, scored_h, scored_h_neg)
         ids, mask = batch.response_ids[rows], batch.response_mask[rows]  # [m, L]
         logits = batch.logits[rows]  # [m, L, V]
         logits_neg = batch.view_logits("removing", rows)  # [m, L, V]
@@ -210,12 +212,11 @@ class ContrastivePerception(PerceptionObjective):
         stats["entropy_shift"] = shift.mean() if shift.numel() else torch.tensor(0.0)
         stats["token_fraction"] = selected.sum() / valid[rows].sum().clamp(min=1)
         full_mask[rows] = selected
-        scored[0][rows], scored[1][rows] = (
-            entropy.to(scored[0].dtype),
-            entropy_neg.to(scored[1].dtype),
-        )
+        scored_h[rows] = entropy.to(scored_h.dtype)
+        scored_h_neg[rows] = entropy_neg.to(scored_h_neg.dtype)
         if not selected.any():
-            return PerceptionTerm(zero, {**stats, **_empty_stats()}, full_mask, *scored)
+            empty = {**stats, **_empty_stats()}
+            return PerceptionTerm(zero, empty, full_mask, scored_h, scored_h_neg)
         logits_pos = batch.view_logits("preserving", rows)  # [m, L, V]
         if self.divergence == "kl":
             # Full distributions at the selected tokens only: [1, S, V] each.
@@ -241,7 +242,7 @@ class ContrastivePerception(PerceptionObjective):
             stop_gradient_anchor=self.stop_gradient_anchor,
         )
         stats.update(cpl_stats)
-        return PerceptionTerm(weight * cpl, stats, full_mask, *scored)
+        return PerceptionTerm(weight * cpl, stats, full_mask, scored_h, scored_h_neg)
 
 
 def _empty_stats() -> dict[str, Tensor]:

@@ -209,6 +209,11 @@ def pretrain_vision(
     Returns:
         The trained :class:`RegionHead` and the loss of every step.
     """
+    if not 1 <= batch_size <= len(images) or len(targets) != len(images):
+        raise ValueError(
+            f"pretrain_vision needs 1 <= batch_size <= len(images) and one target per image, "
+            f"got batch_size {batch_size}, {len(images)} images and {len(targets)} targets."
+        )
     torch.manual_seed(seed)
     head = RegionHead(model, targets.shape[-1])
     params = [*model.model.visual.parameters(), *head.parameters()]
@@ -247,7 +252,7 @@ def supervised_warm_start(
     With ``region_head`` and ``targets`` (``[len(dataset), tokens, C]``), ``region_weight`` times
     the region loss of :func:`pretrain_vision` is added, which keeps the image features apart.
 
-    Returns the loss of every step.
+    Returns the loss of every step (with the region term when it is on).
     """
     collate = PromptCollator(processor, INSTRUCTION)
     tokenizer = processor.tokenizer

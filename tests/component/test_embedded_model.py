@@ -40,6 +40,8 @@ def test_vision_pretraining_trains_the_tower_only_and_learns():
         not torch.equal(value, vision[key])
         for key, value in model.model.visual.state_dict().items()
     )
+    with pytest.raises(ValueError, match="batch_size <= len"):
+        pretrain_vision(model, processor, images, targets, steps=1, batch_size=65)
 
 
 def test_warm_start_takes_the_region_loss_and_checks_its_targets():

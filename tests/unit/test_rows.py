@@ -5,9 +5,17 @@ from __future__ import annotations
 import io
 
 import pytest
+import torch
 from PIL import Image
 
-from cppo_lightning.data.rows import DropReport, chat_content, fit_pixels, open_image
+from cppo_lightning.data.rows import (
+    DropReport,
+    chat_content,
+    fit_pixels,
+    image_tensor,
+    open_image,
+    tensor_image,
+)
 
 
 def _png(size=(10, 20), mode="RGB") -> bytes:
@@ -65,3 +73,10 @@ def test_drop_report_summary():
     report.update(["no image", "no image", "empty answer"])
     assert report.kept == 7
     assert report.summary() == "train: kept 7 of 10 rows; dropped 2 no image, 1 empty answer."
+
+
+def test_tensor_image_inverts_image_tensor_and_clamps():
+    image = Image.effect_noise((9, 7), 80).convert("RGB")
+    assert tensor_image(image_tensor(image)).tobytes() == image.tobytes()
+    out = tensor_image(torch.tensor([[[2.0]], [[-1.0]], [[0.5]]]))
+    assert out.getpixel((0, 0)) == (255, 0, 128)

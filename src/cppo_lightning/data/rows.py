@@ -202,6 +202,13 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
+def tensor_image(tensor: torch.Tensor) -> Image.Image:
+    """The RGB image of a ``[3, H, W]`` tensor in [0, 1], clamped and rounded to 8 bits (the
+    inverse of :func:`image_tensor` up to that rounding)."""
+    array = tensor.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
 def undecoded_images(dataset: datasets.Dataset, column: str) -> datasets.Dataset:
     """Keep an image column as bytes/paths: images are decoded by the collator, which can skip a
     corrupt one instead of failing inside ``datasets``."""

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image, ImageStat
 
-from cppo_lightning.data.rows import image_tensor
+from cppo_lightning.data.rows import image_tensor, tensor_image
 from cppo_lightning.perturbations import apply_seeded, view_seed
 
 CONDITIONS = ("original", "blank", "mean", "shuffled", "preserving", "removing")
@@ -81,11 +81,6 @@ def shuffle_partners(sizes: Sequence[tuple], seed: int) -> tuple[list[int], list
         for row in loners:
             partners[row] = cycle[(position[row] + 1) % n]
     return partners, resized
-
-
-def _to_image(tensor: torch.Tensor) -> Image.Image:
-    array = tensor.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array, mode="RGB")
 
 
 class ImageConditions:
@@ -154,7 +149,7 @@ class ImageConditions:
             for k, image in enumerate(images):
                 key = condition if k == 0 else f"{condition}#{k}"
                 seed = view_seed(self.view_seed, row, 0, key)
-                out.append(_to_image(apply_seeded(perturbation, image_tensor(image), seed)))
+                out.append(tensor_image(apply_seeded(perturbation, image_tensor(image), seed)))
             return out
         raise ValueError(f"unknown image condition {condition!r}; expected one of {CONDITIONS}.")
 
