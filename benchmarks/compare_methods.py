@@ -73,7 +73,15 @@ def read_all_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     }
 
 
-def train(method: str, seed: int, run_dir: Path) -> float:
+def finished(run_dir: Path) -> bool:
+    """A run counts once its last version exported its policy (ExportPolicy runs at fit end)."""
+    try:
+        return (latest_version(run_dir) / "hf_policy" / "config.json").is_file()
+    except FileNotFoundError:
+        return False
+
+
+def train(method: str, seed: int, run_dir: Path, overrides: list[str]) -> float:
     command = ["cppo", "fit", "--config", "configs/base.yaml"]
     if method in OVERLAYS:
         command += ["--config", OVERLAYS[method]]
@@ -81,6 +89,7 @@ def train(method: str, seed: int, run_dir: Path) -> float:
         f"--seed_everything={seed}",
         f"--trainer.default_root_dir={run_dir}",
         "--trainer.enable_progress_bar=false",
+        *overrides,
     ]
     print("$", " ".join(command), flush=True)
     start = time.perf_counter()
@@ -88,7 +97,7 @@ def train(method: str, seed: int, run_dir: Path) -> float:
     return time.perf_counter() - start
 
 
-def evaluate(model: str, output: Path) -> dict[str, dict[str, Any]]:
+def evaluate(model: str, output: Path, eval_set: str) -> dict[str, dict[str, Any]]:
     """avg@4 at temperature 1 under each condition (cached in ``output``/results.json)."""
     results = output / "results.json"
     if not results.is_file():
@@ -97,7 +106,7 @@ def evaluate(model: str, output: Path) -> dict[str, dict[str, Any]]:
             "evaluate",
             model,
             "--eval",
-            "configs/eval/synthetic.yaml",
+            eval_set,
             "--samples",
             "4",
             "--temperature",
@@ -144,6 +153,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare")
     parser.add_argument("--no-train", action="store_true", help="only read existing runs")
     parser.add_argument("--img", type=Path, default=REPO / "docs" / "img")
+    parser.add_argument(
+        "--eval-set", default="configs/eval/synthetic.yaml", help="the held-out set to score"
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra `cppo fit` argument for every run, repeatable, e.g. "
+        "--override=--trainer.max_steps=4 (a smoke test of this script; the study uses none)",
+    )
     args = parser.parse_args()
 
     def run_dir(method: str, seed: int) -> Path:
@@ -152,24 +172,23 @@ def main() -> None:
     if not args.no_train:
         for seed in args.seeds:
             for method in args.methods:
-                if (run_dir(method, seed) / "lightning_logs").is_dir():
+                if finished(run_dir(method, seed)):
                     print(f"{method} seed {seed}: exists, not retrained", flush=True)
                     continue
-                seconds = train(method, seed, run_dir(method, seed))
+                # An interrupted run's version stays on disk; the rerun writes the next version.
+                seconds = train(method, seed, run_dir(method, seed), args.override)
                 print(f"{method} seed {seed}: {seconds:.0f} s", flush=True)
 
-    runs = [
-        (m, s)
-        for m in args.methods
-        for s in args.seeds
-        if (run_dir(m, s) / "lightning_logs").is_dir()
-    ]
+    runs = [(m, s) for m in args.methods for s in args.seeds if finished(run_dir(m, s))]
+    if not runs:
+        raise SystemExit(f"no finished runs under {args.out}: train them first.")
     scalars = {run: read_all_scalars(run_dir(*run)) for run in runs}
-    warm = evaluate(WARM_START, args.out / "eval" / "warm-start")
+    warm = evaluate(WARM_START, args.out / "eval" / "warm-start", args.eval_set)
     final = {
         run: evaluate(
             str(latest_version(run_dir(*run)) / "hf_policy"),
             args.out / "eval" / f"{run[0]}-seed{run[1]}",
+            args.eval_set,
         )
         for run in runs
     }
@@ -312,7 +331,7 @@ def plot(img: Path, methods: list[str], runs: list, scalars: dict) -> None:  # t
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     by_method("val/accuracy", ax)
-    save(fig, ax, "val/accuracy (avg@4, T=1)", "Held-out accuracy, embedded model", "methods.png")
+    save(fig, ax, "val/accuracy (sampled, T=1)", "Held-out accuracy, embedded model", "methods.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
     for ax, condition in zip(axes, CONDITIONS[1:], strict=True):
