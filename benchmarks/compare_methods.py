@@ -331,7 +331,7 @@ def plot(img: Path, methods: list[str], runs: list, scalars: dict) -> None:  # t
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     by_method("val/accuracy", ax)
-    save(fig, ax, "val/accuracy (sampled, T=1)", "Held-out accuracy, embedded model", "methods.png")
+    save(fig, ax, "val/accuracy (avg@4, T=1)", "Held-out accuracy, embedded model", "methods.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
     for ax, condition in zip(axes, CONDITIONS[1:], strict=True):
