@@ -140,6 +140,21 @@ def window(series: list[tuple[int, float]], first: float, last: float) -> list[f
     return [v for i, (_, v) in enumerate(series) if first * n <= i < max(last * n, first * n + 1)]
 
 
+def cpl_figures(s: dict[str, list[tuple[int, float]]]) -> dict[str, float]:
+    """Medians of D+, D-, contrast_accuracy and CPL over the logged steps; CPL's first and last
+    tenth means (the issue's "over the last tenth of the run")."""
+
+    def median(tag: str) -> float:
+        return statistics.median(v for _, v in s[f"perception/{tag}"])
+
+    cpl = s["perception/cpl"]
+    return {
+        **{tag: median(tag) for tag in ("d_pos", "d_neg", "contrast_accuracy", "cpl")},
+        "cpl_first_tenth": statistics.mean(window(cpl, 0, 0.1)),
+        "cpl_last_tenth": statistics.mean(window(cpl, 0.9, 1)),
+    }
+
+
 def pct(value: float) -> str:
     return "-" if math.isnan(value) else f"{100 * value:.1f}"
 
@@ -263,18 +278,11 @@ def main() -> None:
         )
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for run in cppo:
-            s = scalars[run]
-
-            def median(tag: str, s: dict = s) -> float:
-                return statistics.median(v for _, v in s[tag])
-
-            cpl = s["perception/cpl"]
+            f = cpl_figures(scalars[run])
             print(
-                f"| {run[1]} | {median('perception/d_pos'):.4f} | {median('perception/d_neg'):.4f}"
-                f" | {median('perception/contrast_accuracy'):.3f}"
-                f" | {statistics.mean(window(cpl, 0, 0.1)):.3f}"
-                f" | {statistics.mean(window(cpl, 0.9, 1)):.3f}"
-                f" | {s['perception/lambda'][-1][1]:g} |"
+                f"| {run[1]} | {f['d_pos']:.4f} | {f['d_neg']:.4f} | {f['contrast_accuracy']:.3f}"
+                f" | {f['cpl_first_tenth']:.3f} | {f['cpl_last_tenth']:.3f}"
+                f" | {scalars[run]['perception/lambda'][-1][1]:g} |"
             )
 
     print("\nStep time (median over logged steps of rollout/seconds + train/update_seconds)\n")

@@ -16,7 +16,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from compare_methods import CONDITIONS, DETECTION, read_all_scalars, window
+from compare_methods import CONDITIONS, DETECTION, cpl_figures, read_all_scalars, window
 
 
 def main() -> None:
@@ -42,17 +42,12 @@ def main() -> None:
             cells = " | ".join(f"{label} {m:.3f}" for (_, label), m in pairs)
             print(f"detection {name}: {cells} | lift {means[0] / means[1]:.2f}x")
     if "perception/cpl" in s:
-
-        def median(tag: str) -> float:
-            return statistics.median(v for _, v in s[tag])
-
-        cpl = s["perception/cpl"]
+        f = cpl_figures(s)
         print(
-            f"median D+ {median('perception/d_pos'):.4f}, D- {median('perception/d_neg'):.4f}, "
-            f"contrast_accuracy {median('perception/contrast_accuracy'):.3f}, "
-            f"cpl {median('perception/cpl'):.3f}; cpl mean first tenth "
-            f"{statistics.mean(window(cpl, 0, 0.1)):.3f}, last tenth "
-            f"{statistics.mean(window(cpl, 0.9, 1)):.3f}"
+            f"median D+ {f['d_pos']:.4f}, D- {f['d_neg']:.4f}, "
+            f"contrast_accuracy {f['contrast_accuracy']:.3f}, "
+            f"cpl {f['cpl']:.3f}; cpl mean first tenth "
+            f"{f['cpl_first_tenth']:.3f}, last tenth {f['cpl_last_tenth']:.3f}"
         )
     for tag in ("rollout/accuracy", "rollout/zero_variance_groups", "train/kl"):
         if tag in s:
