@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from cppo_lightning.detection import TokenSelector
+from cppo_lightning.logprobs import ResponseScores, Scoring, score_responses
 from cppo_lightning.losses import aggregate, group_advantages, kl_estimate, policy_loss
 from cppo_lightning.perception import (
     PerceptionObjective,
@@ -38,10 +39,8 @@ from cppo_lightning.policy import (
     load_policy,
     load_processor,
     model_family,
-    response_logits,
     save_processor,
     suppressed_token_ids,
-    token_logps,
 )
 from cppo_lightning.records import PromptBatch, RolloutBatch, UpdateRecord
 from cppo_lightning.rewards import WeightedReward
@@ -108,6 +107,11 @@ class CPPOModule(LightningModule):
             more than one mini-batch the old log-probs are recomputed before the first update.
         micro_batch_size: Responses per forward/backward (gradient accumulation inside a
             mini-batch); bounds activation memory.
+        logprob_chunk_tokens: Response positions per chunk of the LM head when log-probs and
+            entropies are computed (:mod:`cppo_lightning.logprobs`): at most this many rows of
+            ``[*, V]`` logits exist at once, recomputed in the backward. None sizes chunks to
+            2**26 logits (441 positions at a 151,936 vocabulary; a whole micro-batch of the
+            embedded model).
         clip_low: PPO clip range below 1 (eps_low).
         clip_high: PPO clip range above 1 (eps_high; > clip_low is DAPO's clip-higher).
         dual_clip: Dual-clip constant c for negative advantages (> 1); None disables it.
@@ -145,6 +149,7 @@ class CPPOModule(LightningModule):
         temperature: float = 1.0,
         mini_batch_size: int | None = None,
         micro_batch_size: int = 16,
+        logprob_chunk_tokens: int | None = None,
         clip_low: float = 0.2,
         clip_high: float = 0.2,
         dual_clip: float | None = 3.0,
@@ -195,6 +200,9 @@ class CPPOModule(LightningModule):
         self.temperature = temperature
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size
+        # Checked here (Scoring validates), before any model is loaded.
+        Scoring(temperature, chunk_tokens=logprob_chunk_tokens)
+        self.logprob_chunk_tokens = logprob_chunk_tokens
         self.clip_low, self.clip_high, self.dual_clip = clip_low, clip_high, dual_clip
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
         self.loss_agg, self.advantage_scale = loss_agg, advantage_scale
@@ -393,19 +401,40 @@ class CPPOModule(LightningModule):
         return rollout
 
     # ------------------------------------------------------------------ training
+    @property
+    def scoring(self) -> Scoring:
+        """How every forward turns hidden states into token scores: the sampling temperature,
+        the tokens the sampler suppresses, the LM-head chunk size."""
+        return Scoring(
+            self.temperature,
+            tuple(getattr(self, "suppress_token_ids", ())),
+            self.logprob_chunk_tokens,
+        )
+
+    def score(
+        self,
+        model: torch.nn.Module,
+        rollout: RolloutBatch,
+        index: torch.Tensor,
+        vision: dict[str, torch.Tensor] | None = None,
+    ) -> ResponseScores:
+        """The forward of ``model`` on responses ``index`` (under ``vision`` when given), from
+        which log-probs and entropies are read chunk by chunk."""
+        return score_responses(
+            model,
+            rollout.prompts,
+            rollout.prompt_index[index],
+            rollout.response_ids[index],
+            rollout.response_mask[index],
+            self.scoring,
+            vision,
+        )
+
     def sequence_logps(
         self, model: torch.nn.Module, rollout: RolloutBatch, index: torch.Tensor
     ) -> torch.Tensor:
         """``[n, L]`` log-probs of the sampled tokens of responses ``index`` under ``model``."""
-        response_ids = rollout.response_ids[index]
-        logits = response_logits(
-            model,
-            rollout.prompts,
-            rollout.prompt_index[index],
-            response_ids,
-            rollout.response_mask[index],
-        )
-        return token_logps(logits, response_ids, self.temperature)
+        return self.score(model, rollout, index).logps()
 
     def _reference_logps(self, rollout: RolloutBatch, index: torch.Tensor) -> torch.Tensor:
         if self.reference is not None:
@@ -451,11 +480,8 @@ class CPPOModule(LightningModule):
         """
         assert self.policy is not None and rollout.advantages is not None
         mask = rollout.response_mask[index]  # [n, L]
-        response_ids = rollout.response_ids[index]  # [n, L]
-        logits = response_logits(
-            self.policy, rollout.prompts, rollout.prompt_index[index], response_ids, mask
-        )  # [n, L, V]
-        logp = token_logps(logits, response_ids, self.temperature)  # [n, L]
+        scores = self.score(self.policy, rollout, index)  # hidden [n, L, H]
+        logp = scores.logps()  # [n, L]
         old_logp = rollout.old_logp[index] if rollout.old_logp is not None else logp.detach()
         loss, stats = policy_loss(
             logp,
@@ -486,9 +512,8 @@ class CPPOModule(LightningModule):
                 self.policy,
                 rollout,
                 index,
-                logits,
+                scores,
                 logp,
-                self.temperature,
                 self.loss_agg,
                 self.max_new_tokens,
             )
@@ -515,7 +540,7 @@ class CPPOModule(LightningModule):
                 self.policy,
                 rollout,
                 dataclasses.replace(self.token_selector, gate_advantages=False),
-                self.temperature,
+                self.scoring,
                 self._micro_batches(torch.arange(rollout.num_responses, device=self.device)),
             )
         finally:

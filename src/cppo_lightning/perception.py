@@ -16,9 +16,9 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from cppo_lightning.detection import TokenSelector, token_entropy
+from cppo_lightning.detection import TokenSelector
+from cppo_lightning.logprobs import ResponseScores, Scoring, score_responses
 from cppo_lightning.losses import aggregate, contrastive_perception_loss, implicit_perception_loss
-from cppo_lightning.policy import response_logits, token_logps
 from cppo_lightning.records import RolloutBatch
 
 
@@ -27,15 +27,15 @@ class MicroBatch:
     """One micro-batch of n responses as an objective sees it.
 
     Attributes:
-        logits: ``[n, L, V]`` policy logits under the original image (graph attached; the
-            temperature not applied yet).
+        scores: The policy's forward under the original image (hidden states with their graph;
+            log-probs and entropies are read from it chunk by chunk, see
+            :mod:`cppo_lightning.logprobs`).
         logp: ``[n, L]`` log-probs of the sampled tokens under the original image (graph).
         response_ids: ``[n, L]``.
         response_mask: ``[n, L]``.
         advantages: ``[n]``.
-        temperature: Sampling temperature (log-probs and entropies use ``logits / T``).
-        view_logits: ``(view, rows) -> [m, L, V]`` policy logits of the responses ``rows``
-            (indices into this micro-batch) with the image replaced by ``view``
+        view_scores: ``(view, rows) -> ResponseScores`` the policy's forward of the responses
+            ``rows`` (indices into this micro-batch) with the image replaced by ``view``
             (``"preserving"`` or ``"removing"``), graph attached.
         perception_mask: ``[n, L]`` tokens detected at rollout time (before gating), or None
             to detect them here from the update-time forwards.
@@ -43,13 +43,12 @@ class MicroBatch:
         agg_constant: The Dr. GRPO normaliser.
     """
 
-    logits: Tensor
+    scores: ResponseScores
     logp: Tensor
     response_ids: Tensor
     response_mask: Tensor
     advantages: Tensor
-    temperature: float
-    view_logits: Callable[[str, Tensor], Tensor]
+    view_scores: Callable[[str, Tensor], ResponseScores]
     perception_mask: Tensor | None = None
     loss_agg: str = "token-mean"
     agg_constant: float | None = None
@@ -59,14 +58,13 @@ def micro_batch(
     policy: torch.nn.Module,
     rollout: RolloutBatch,
     index: Tensor,
-    logits: Tensor,
+    scores: ResponseScores,
     logp: Tensor,
-    temperature: float,
     loss_agg: str,
     agg_constant: float | None,
 ) -> MicroBatch:
     """The :class:`MicroBatch` of responses ``index`` of ``rollout``, whose original-image
-    ``logits`` and ``logp`` the policy loss has just computed."""
+    ``scores`` and ``logp`` the policy loss has just computed."""
     views = rollout.prompts.views
     if views is None:
         raise ValueError(
@@ -75,25 +73,25 @@ def micro_batch(
         )
     assert rollout.advantages is not None
 
-    def view_logits(view: str, rows: Tensor) -> Tensor:
+    def view_scores(view: str, rows: Tensor) -> ResponseScores:
         picked = index[rows]
-        return response_logits(
+        return score_responses(
             policy,
             rollout.prompts,
             rollout.prompt_index[picked],
             rollout.response_ids[picked],
             rollout.response_mask[picked],
+            scores.scoring,
             vision=views.vision(view),
         )
 
     return MicroBatch(
-        logits=logits,
+        scores=scores,
         logp=logp,
         response_ids=rollout.response_ids[index],
         response_mask=rollout.response_mask[index],
         advantages=rollout.advantages[index],
-        temperature=temperature,
-        view_logits=view_logits,
+        view_scores=view_scores,
         perception_mask=(
             rollout.perception_mask[index] if rollout.perception_mask is not None else None
         ),
@@ -198,12 +196,13 @@ class ContrastivePerception(PerceptionObjective):
             stats["entropy_shift"] = stats["token_fraction"] = torch.tensor(0.0)
             empty = {**stats, **_empty_stats()}
             return PerceptionTerm(zero, empty, full_mask, scored_h, scored_h_neg)
-        ids, mask = batch.response_ids[rows], batch.response_mask[rows]  # [m, L]
-        logits = batch.logits[rows]  # [m, L, V]
-        logits_neg = batch.view_logits("removing", rows)  # [m, L, V]
+        mask = batch.response_mask[rows]  # [m, L]
+        scores = batch.scores.rows(rows)
+        scores_neg = batch.view_scores("removing", rows)
+        # One pass over the I- head chunks gives its log-probs (graph) and entropies (none).
+        logp_neg, entropy_neg = scores_neg.logps_and_entropy()  # [m, L] each
         with torch.no_grad():
-            entropy = token_entropy(logits.detach(), batch.temperature)  # [m, L]
-            entropy_neg = token_entropy(logits_neg.detach(), batch.temperature)  # [m, L]
+            entropy = scores.entropy()  # [m, L]
             if batch.perception_mask is not None:  # detected at rollout time
                 selected = batch.perception_mask[rows].bool() & mask.bool()
             else:
@@ -217,20 +216,18 @@ class ContrastivePerception(PerceptionObjective):
         if not selected.any():
             empty = {**stats, **_empty_stats()}
             return PerceptionTerm(zero, empty, full_mask, scored_h, scored_h_neg)
-        logits_pos = batch.view_logits("preserving", rows)  # [m, L, V]
+        scores_pos = batch.view_scores("preserving", rows)
+        inputs: tuple[Tensor, Tensor, Tensor]
         if self.divergence == "kl":
             # Full distributions at the selected tokens only: [1, S, V] each.
-            def dist(x: Tensor) -> Tensor:
-                return torch.log_softmax(x[selected].float() / batch.temperature, -1)[None]
-
-            inputs = (dist(logits), dist(logits_pos), dist(logits_neg))
+            inputs = (
+                scores.log_distribution(selected)[None],
+                scores_pos.log_distribution(selected)[None],
+                scores_neg.log_distribution(selected)[None],
+            )
             token_mask = torch.ones_like(inputs[0][..., 0])  # [1, S]
         else:
-            inputs = (
-                batch.logp[rows],
-                token_logps(logits_pos, ids, batch.temperature),
-                token_logps(logits_neg, ids, batch.temperature),
-            )
+            inputs = (batch.logp[rows], scores_pos.logps(), logp_neg)
             token_mask = selected.to(batch.logp.dtype)
         # L_CPL is normalised by the selected tokens of the micro-batch; rows without any
         # contribute 0 to both sums, so computing on ``rows`` only gives the same value.
@@ -265,7 +262,7 @@ class ImplicitPerception(PerceptionObjective):
         entropy_coef: Weight of the entropy under the original image (PAPO-D: 0.03).
         masked_entropy_coef: Weight of the entropy under the masked image (PAPO-D: 0.03).
         entropy: ``sampled`` (-log-prob of the sampled token, PAPO's default) or ``full``
-            (full-vocabulary entropy; keeps autograd buffers of ``[n, L, V]``).
+            (full-vocabulary entropy, differentiated chunk by chunk like the log-probs).
         detach_masked: Stop gradients through the masked branch (then only the original-image
             branch is pushed away, and the masked entropy term has no gradient).
         kl_estimator: Estimator of the KL: ``k3`` (clamped, as PAPO), ``k1`` or ``k2``.
@@ -298,18 +295,21 @@ class ImplicitPerception(PerceptionObjective):
         self.detach_masked = detach_masked
         self.kl_estimator = kl_estimator
 
-    def _entropy(self, logits: Tensor, logp: Tensor, batch: MicroBatch) -> Tensor:
-        per_token = -logp if self.entropy == "sampled" else token_entropy(logits, batch.temperature)
+    def _entropy(self, scores: ResponseScores, logp: Tensor, batch: MicroBatch) -> Tensor:
+        if self.entropy == "sampled":
+            per_token = -logp  # [n, L]
+        else:
+            per_token = scores.logps_and_entropy(entropy_grad=True)[1]  # [n, L]
         return aggregate(per_token, batch.response_mask, batch.loss_agg, batch.agg_constant)
 
     def __call__(
         self, batch: MicroBatch, selector: TokenSelector | None, weight: float | None
     ) -> PerceptionTerm:
         rows = torch.arange(batch.logp.shape[0], device=batch.logp.device)
-        logits_masked = batch.view_logits("removing", rows)  # [n, L, V]
+        scores_masked = batch.view_scores("removing", rows)
         if self.detach_masked:
-            logits_masked = logits_masked.detach()
-        logp_masked = token_logps(logits_masked, batch.response_ids, batch.temperature)  # [n, L]
+            scores_masked = dataclasses.replace(scores_masked, hidden=scores_masked.hidden.detach())
+        logp_masked = scores_masked.logps()  # [n, L]
         ipl, stats = implicit_perception_loss(
             batch.logp,
             logp_masked,
@@ -318,8 +318,8 @@ class ImplicitPerception(PerceptionObjective):
             agg_constant=batch.agg_constant,
             kind=self.kl_estimator,
         )
-        entropy = self._entropy(batch.logits, batch.logp, batch)
-        masked_entropy = self._entropy(logits_masked, logp_masked, batch)
+        entropy = self._entropy(batch.scores, batch.logp, batch)
+        masked_entropy = self._entropy(scores_masked, logp_masked, batch)
         loss = (
             self.gamma * ipl
             + self.entropy_coef * entropy
@@ -339,14 +339,14 @@ def detect_tokens(
     policy: torch.nn.Module,
     rollout: RolloutBatch,
     selector: TokenSelector,
-    temperature: float,
+    scoring: Scoring,
     chunks: Iterable[Tensor],
 ) -> Tensor:
     """``[N, L]`` perception tokens of a rollout batch under ``policy`` (rollout-time detection).
 
-    Entropies under the original and the information-removing image are computed chunk by
-    chunk (``chunks`` partition ``arange(N)``), so full-vocabulary logits exist for one view of
-    one chunk at a time.
+    Entropies under the original and the information-removing image are computed micro-batch
+    by micro-batch (``chunks`` partition ``arange(N)``), each through the chunked LM head of
+    :mod:`cppo_lightning.logprobs`, so no ``[n, L, V]`` logits exist at any time.
     """
     views = rollout.prompts.views
     if views is None:
@@ -354,18 +354,11 @@ def detect_tokens(
     masks = []
     for index in chunks:
         ids, mask = rollout.response_ids[index], rollout.response_mask[index]  # [n, L]
-        prompt_index = rollout.prompt_index[index]
-        entropy = token_entropy(
-            response_logits(policy, rollout.prompts, prompt_index, ids, mask), temperature
-        )  # [n, L]
-        logits_neg = response_logits(
-            policy,
-            rollout.prompts,
-            prompt_index,
-            ids,
-            mask,
-            vision=views.vision("removing"),
-        )
-        entropy_neg = token_entropy(logits_neg, temperature)  # [n, L]
-        masks.append(selector(entropy, entropy_neg, mask))
+        entropies = [
+            score_responses(
+                policy, rollout.prompts, rollout.prompt_index[index], ids, mask, scoring, vision
+            ).entropy()  # [n, L]
+            for vision in (None, views.vision("removing"))
+        ]
+        masks.append(selector(entropies[0], entropies[1], mask))
     return torch.cat(masks)

@@ -27,6 +27,7 @@ from cppo_lightning.families import (
     read_model_type,
     resolve_modules,
 )
+from cppo_lightning.logprobs import lm_head, response_hidden
 from cppo_lightning.records import PromptBatch
 
 __all__ = [
@@ -189,52 +190,30 @@ def response_logits(
     response_mask: torch.Tensor,
     vision: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Teacher-forced logits that predict each response token.
+    """Teacher-forced logits that predict each response token, for analysis scripts.
 
-    Args:
-        model: The policy (or reference).
-        prompts: The B prompts of the rollout batch.
-        prompt_index: ``[n]`` the prompt of each of the n responses scored here.
-        response_ids: ``[n, L]`` response tokens.
-        response_mask: ``[n, L]``.
-        vision: Replacement image tensors for the B prompts (another view of the same images,
-            same shapes, e.g. ``ImageViews.vision_neg``); the prompts' own when None.
+    Training never calls this: it holds the full ``[n, L, V]`` logits, which the memory-bounded
+    path of :mod:`cppo_lightning.logprobs` never materialises. Arguments as
+    :func:`cppo_lightning.logprobs.response_hidden`.
 
     Returns:
         ``[n, L, V]`` logits; position j predicts ``response_ids[:, j]``.
     """
-    length = response_ids.shape[1]
-    inputs: dict[str, Any] = {
-        "input_ids": torch.cat([prompts.input_ids[prompt_index], response_ids], dim=1),
-        "attention_mask": torch.cat(
-            [prompts.attention_mask[prompt_index], response_mask.to(prompts.attention_mask.dtype)],
-            dim=1,
-        ),
-        **prompts.select_vision(prompt_index, vision),
-        # Only the last L + 1 positions predict response tokens: skip the rest of the LM head.
-        "logits_to_keep": length + 1,
-        "use_cache": False,
-    }
-    if prompts.mm_token_type_ids is not None:
-        # Without it Qwen-VL's M-RoPE positions are silently wrong over prompt + response.
-        inputs["mm_token_type_ids"] = torch.cat(
-            [prompts.mm_token_type_ids[prompt_index], torch.zeros_like(response_ids)], dim=1
-        )
-    logits = model(**inputs).logits  # [n, L + 1, V]
-    return logits[:, :-1]  # [n, L, V]
+    hidden = response_hidden(model, prompts, prompt_index, response_ids, response_mask, vision)
+    return lm_head(model)(hidden)  # [n, L, V]
 
 
 def token_logps(
     logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
-    """Log-probability of ``token_ids`` under ``softmax(logits / temperature)``.
-
-    Uses ``gather - logsumexp`` so that no full-vocabulary log-softmax is materialised.
+    """Log-probability of ``token_ids`` under ``softmax(logits / temperature)``, from full
+    logits (tests and analysis; training uses :mod:`cppo_lightning.logprobs`).
 
     Shape:
-        logits: ``[n, L, V]``; token_ids: ``[n, L]``; returns ``[n, L]`` float32.
+        logits: ``[n, L, V]``; token_ids: ``[n, L]``; returns ``[n, L]`` in float32 (float64
+        for float64 logits).
     """
-    logits = logits.float() / temperature  # [n, L, V]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     picked = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)  # [n, L]
     return picked - torch.logsumexp(logits, dim=-1)  # [n, L]
 
