@@ -496,6 +496,12 @@ class CPPOModule(LightningModule):
         )
         stats = {f"train/{k}": v for k, v in stats.items()}
         stats["train/policy_loss"] = loss.detach()
+        if rollout.sampler_logp is not None:
+            # old_logp is the training forward before any update of this rollout batch (with
+            # one mini-batch, this very forward), so any gap to the sampler is train/inference
+            # drift: settings the sampler applied and training does not, or numerics.
+            gap = (rollout.sampler_logp[index] - old_logp.detach()).abs()  # [n, L]
+            stats["rollout/logp_mismatch"] = (gap * mask).sum() / mask.sum().clamp(min=1)
         if self.kl_coef > 0:
             assert rollout.ref_logp is not None
             kl = aggregate(

@@ -136,6 +136,8 @@ class RolloutBatch:
         reward_terms: Term name -> ``[N]`` value of that term (accuracy, format, ...).
         group_size: G.
         rollout_seconds: Wall-clock time spent generating and scoring.
+        sampler_logp: ``[N, L]`` each token's log-prob under the distribution the sampler drew
+            it from (0 on padding), for ``rollout/logp_mismatch``; None if the engine gives none.
         advantages: ``[N]`` group-normalised advantages.
         old_logp: ``[N, L]`` log-probs of the sampled tokens under the policy before the update.
         ref_logp: ``[N, L]`` the same under the frozen reference (None when the KL is off).
@@ -152,6 +154,7 @@ class RolloutBatch:
     reward_terms: dict[str, torch.Tensor]
     group_size: int
     rollout_seconds: float = 0.0
+    sampler_logp: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
-from transformers import ProcessorMixin
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import GenerationConfig, ProcessorMixin
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from cppo_lightning.records import PromptBatch, RolloutBatch
 
@@ -34,17 +43,148 @@ class Sampling:
     top_k: int = 0
     batch_size: int | None = None
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of HF ``generate`` for this sampling."""
+    def generation_config(
+        self,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int,
+        suppress_token_ids: Sequence[int],
+        num_samples: int = 1,
+    ) -> GenerationConfig:
+        """The whole configuration of HF ``generate``: these settings and nothing else.
+
+        Temperature, top-k and top-p are not in it: :meth:`warpers` applies them, so that the
+        log-prob recorder runs after them (HF puts its own warpers after any custom processor).
+        """
+        return GenerationConfig(
+            do_sample=self.temperature != 0,
+            max_new_tokens=self.max_new_tokens,
+            num_return_sequences=num_samples,
+            eos_token_id=list(eos_token_ids),
+            pad_token_id=pad_token_id,
+            suppress_tokens=list(suppress_token_ids) or None,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            use_cache=True,
+        )
+
+    def warpers(self) -> list[LogitsProcessor]:
+        """HF's own temperature, top-k and top-p warpers for this sampling, in HF's order."""
         if self.temperature == 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
-        return {
-            "do_sample": True,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "max_new_tokens": self.max_new_tokens,
-        }
+            return []
+        warpers: list[LogitsProcessor] = []
+        if self.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_k:
+            warpers.append(TopKLogitsWarper(top_k=self.top_k))
+        if self.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=self.top_p))
+        return warpers
+
+
+class SamplerLogps(LogitsProcessor):
+    """Records the log-prob of every generated token under the distribution it was drawn from.
+
+    Placed last among the logits processors, it sees the scores the sampler draws from (after
+    suppression and the warpers). It keeps one step's ``[N, V]`` log-softmax and, at the next
+    step, reads off the token that was drawn (the last column of ``input_ids``), so the cost is
+    one ``[N, V]`` buffer, not ``generate``'s ``output_scores`` (``[N, L, V]``).
+    """
+
+    def __init__(self) -> None:
+        self.previous: torch.Tensor | None = None  # [N, V]
+        self.columns: list[torch.Tensor] = []  # L of [N]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids)
+        self.previous = torch.log_softmax(scores.float(), dim=-1)  # [N, V]
+        return scores
+
+    def _take(self, sequences: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.columns.append(self.previous.gather(-1, sequences[:, -1:]).squeeze(-1))
+
+    def finish(self, sequences: torch.Tensor, length: int) -> torch.Tensor:
+        """``[N, length]`` log-probs of the generated tokens (``length`` = tokens generated)."""
+        self._take(sequences)
+        self.previous = None
+        if not self.columns:
+            return torch.zeros(sequences.shape[0], length, device=sequences.device)
+        logps = torch.stack(self.columns, dim=1)[:, :length]  # [N, L]
+        self.columns = []
+        return logps
+
+
+class Samples(NamedTuple):
+    """Responses sampled for a batch of prompts.
+
+    Attributes:
+        response_ids: ``[N, L]`` right-padded after the first end-of-sequence token.
+        response_mask: ``[N, L]``.
+        sampler_logp: ``[N, L]`` the sampler's log-prob of each token (0 on padding).
+    """
+
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    sampler_logp: torch.Tensor
+
+
+# Keys of a checkpoint's generation_config that do not change what is sampled.
+_NOT_SAMPLING = {
+    "transformers_version",
+    "_from_model_config",
+    "bos_token_id",
+    "pad_token_id",
+    "eos_token_id",  # merged into the rollout's own end-of-sequence ids
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "output_scores",
+    "output_logits",
+    "return_dict_in_generate",
+}
+_REPORTED: set[str] = set()
+
+
+def ignored_generation_settings(policy: torch.nn.Module) -> dict[str, Any]:
+    """What the checkpoint's ``generation_config`` sets that rollouts do not use (everything but
+    the end-of-sequence ids, which are merged into the rollout's own)."""
+    config = getattr(_generating_model(policy), "generation_config", None)
+    if config is None:
+        return {}
+    return {
+        k: v
+        for k, v in sorted(config.to_diff_dict().items())
+        if k not in _NOT_SAMPLING and v is not None
+    }
+
+
+def _generating_model(policy: torch.nn.Module) -> torch.nn.Module:
+    get_base = getattr(policy, "get_base_model", None)
+    return get_base() if callable(get_base) else policy
+
+
+@contextlib.contextmanager
+def _only_these_settings(policy: torch.nn.Module) -> Iterator[None]:
+    """``generate`` fills every setting its ``generation_config`` argument leaves unset from the
+    model's own ``generation_config`` (the checkpoint's repetition_penalty, top_k, ...). With an
+    empty one in its place for the call, only the settings passed in apply."""
+    model = _generating_model(policy)
+    ignored = ignored_generation_settings(policy)
+    key = repr(ignored)
+    if ignored and key not in _REPORTED:
+        _REPORTED.add(key)
+        rank_zero_info(
+            "generation: the checkpoint's generation_config settings "
+            f"{ignored} are ignored; sampling uses only the rollout settings (temperature, "
+            "top_p, top_k, max_new_tokens, end-of-sequence and suppressed tokens)."
+        )
+    saved = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        model.generation_config = saved  # type: ignore[assignment]
 
 
 def response_mask_from_ids(
@@ -75,14 +215,40 @@ def generate_responses(
 
     Returns:
         ``(response_ids [B * num_samples, L], response_mask [B * num_samples, L])`` with the
-        responses of one prompt contiguous.
+        responses of one prompt contiguous. :func:`sample_responses` adds the sampler's
+        log-probs.
     """
+    samples = sample_responses(
+        policy,
+        processor,
+        prompts,
+        sampling,
+        num_samples=num_samples,
+        suppress_token_ids=suppress_token_ids,
+    )
+    return samples.response_ids, samples.response_mask
+
+
+@torch.no_grad()
+def sample_responses(
+    policy: torch.nn.Module,
+    processor: ProcessorMixin,
+    prompts: PromptBatch,
+    sampling: Sampling,
+    *,
+    num_samples: int,
+    suppress_token_ids: Sequence[int] = (),
+) -> Samples:
+    """Sample ``num_samples`` responses per prompt with HF ``generate``, configured only from
+    ``sampling`` (the checkpoint's ``generation_config`` is ignored, see
+    :func:`ignored_generation_settings`), recording each token's log-prob under the
+    distribution it was drawn from."""
     tokenizer = processor.tokenizer  # type: ignore[attr-defined]
     per_call = max(1, (sampling.batch_size or 0) // num_samples) if sampling.batch_size else None
     if per_call is not None and per_call < prompts.num_prompts:
         index = torch.arange(prompts.num_prompts, device=prompts.input_ids.device)
         pieces = [
-            generate_responses(
+            sample_responses(
                 policy,
                 processor,
                 prompts.subset(chunk),
@@ -92,18 +258,17 @@ def generate_responses(
             )
             for chunk in index.split(per_call)
         ]
-        length = max(ids.shape[1] for ids, _ in pieces)
-        pad = tokenizer.pad_token_id
-        response_ids = torch.cat(
-            [
-                torch.nn.functional.pad(ids, (0, length - ids.shape[1]), value=pad)
-                for ids, _ in pieces
-            ]
-        )
-        response_mask = torch.cat(
-            [torch.nn.functional.pad(m, (0, length - m.shape[1]), value=0) for _, m in pieces]
-        )
-        return response_ids, response_mask
+        length = max(piece.response_ids.shape[1] for piece in pieces)
+
+        def padded(field: int, value: float) -> torch.Tensor:
+            return torch.cat(
+                [
+                    torch.nn.functional.pad(p[field], (0, length - p[field].shape[1]), value=value)
+                    for p in pieces
+                ]
+            )
+
+        return Samples(padded(0, tokenizer.pad_token_id), padded(1, 0), padded(2, 0.0))
     eos_ids = _eos_token_ids(policy, tokenizer)
     inputs: dict[str, Any] = {
         "input_ids": prompts.input_ids,
@@ -112,19 +277,20 @@ def generate_responses(
     }
     if prompts.mm_token_type_ids is not None:
         inputs["mm_token_type_ids"] = prompts.mm_token_type_ids
-    sequences = policy.generate(  # type: ignore[operator]
-        **inputs,
-        **sampling.generate_kwargs(),
-        num_return_sequences=num_samples,
-        suppress_tokens=list(suppress_token_ids) or None,
-        eos_token_id=eos_ids,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
+    recorder = SamplerLogps()
+    with _only_these_settings(policy):
+        sequences = policy.generate(  # type: ignore[operator]
+            **inputs,
+            generation_config=sampling.generation_config(
+                eos_ids, tokenizer.pad_token_id, suppress_token_ids, num_samples
+            ),
+            logits_processor=LogitsProcessorList([*sampling.warpers(), recorder]),
+        )
     response_ids = sequences[:, prompts.input_ids.shape[1] :]  # [N, L]
     response_mask = response_mask_from_ids(response_ids, eos_ids)
     response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
-    return response_ids, response_mask
+    sampler_logp = recorder.finish(sequences, response_ids.shape[1]) * response_mask  # [N, L]
+    return Samples(response_ids, response_mask, sampler_logp)
 
 
 def _eos_token_ids(policy: torch.nn.Module, tokenizer: Any) -> list[int]:
@@ -163,7 +329,7 @@ def collect_rollouts(
 ) -> RolloutBatch:
     """Generate G responses per prompt, decode and score them into a :class:`RolloutBatch`."""
     start = time.perf_counter()
-    response_ids, response_mask = generate_responses(
+    response_ids, response_mask, sampler_logp = sample_responses(
         policy,
         processor,
         prompts,
@@ -184,6 +350,7 @@ def collect_rollouts(
         reward_terms={k: v.to(device) for k, v in terms.items()},
         group_size=group_size,
         rollout_seconds=time.perf_counter() - start,
+        sampler_logp=sampler_logp,
     )
 
 

@@ -66,6 +66,7 @@ def test_fit_logs_val_accuracy_before_and_after_and_exports(tmp_path):
     assert steps[0] == 0 and steps[-1] == 2, steps
     for tag in (
         "rollout/reward_mean",
+        "rollout/logp_mismatch",
         "train/kl",
         "train/clip_frac",
         "train/grad_norm",
