@@ -44,7 +44,7 @@ from cppo_lightning.policy import (
 )
 from cppo_lightning.records import PromptBatch, RolloutBatch, UpdateRecord
 from cppo_lightning.rewards import WeightedReward
-from cppo_lightning.rollout import Sampling, collect_rollouts, rollout_metrics
+from cppo_lightning.rollout import RolloutEngine, Sampling, collect_rollouts, rollout_metrics
 
 # The per-token fields of a PerceptionTerm that UpdateRecord keeps, in its field order.
 _RECORDED = ("mask", "entropy", "entropy_removed")
@@ -352,8 +352,11 @@ class CPPOModule(LightningModule):
         return self
 
     # ------------------------------------------------------------------ rollouts
-    def collect_rollout(self, prompts: PromptBatch, sampling: Sampling) -> RolloutBatch:
-        """Sample G responses per prompt with the current policy and score them."""
+    def collect_rollout(
+        self, prompts: PromptBatch, sampling: Sampling, engine: RolloutEngine | None = None
+    ) -> RolloutBatch:
+        """Sample G responses per prompt with the current policy (through ``engine``, HF
+        ``generate`` when None) and score them."""
         assert self.policy is not None
         with self.generation_mode():
             return collect_rollouts(
@@ -364,6 +367,7 @@ class CPPOModule(LightningModule):
                 sampling,
                 group_size=self.group_size,
                 suppress_token_ids=self.suppress_token_ids,
+                engine=engine,
             )
 
     @contextlib.contextmanager

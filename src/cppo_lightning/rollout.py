@@ -1,7 +1,12 @@
-"""Sampling G responses per prompt with Hugging Face ``generate``, and scoring them."""
+"""Sampling G responses per prompt, and scoring them.
+
+The sampler is a :class:`RolloutEngine` (``rollout.engine`` in the config); :class:`HFGenerate`,
+Hugging Face ``generate`` configured only from the rollout settings, is the default.
+"""
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import time
@@ -317,6 +322,57 @@ def repeat_columns(columns: Mapping[str, Sequence[Any]], times: int) -> dict[str
     return {name: [v for v in values for _ in range(times)] for name, values in columns.items()}
 
 
+class RolloutEngine(abc.ABC):
+    """What turns prompts into sampled responses; chosen under ``rollout.engine`` by
+    ``class_path`` (:class:`HFGenerate` when unset).
+
+    An engine that keeps its own copy of the weights (a vLLM server, say) refreshes it in
+    :meth:`on_policy_update`, which the rollout callback calls after every training step.
+    """
+
+    @abc.abstractmethod
+    def sample(
+        self,
+        policy: torch.nn.Module,
+        processor: ProcessorMixin,
+        prompts: PromptBatch,
+        sampling: Sampling,
+        *,
+        num_samples: int,
+        suppress_token_ids: Sequence[int] = (),
+    ) -> Samples:
+        """``num_samples`` responses per prompt, those of one prompt contiguous, with their
+        mask and the sampler's log-prob of every token (see :class:`Samples`). The policy is
+        in eval mode and gradients are off."""
+
+    def on_policy_update(self, policy: torch.nn.Module) -> None:  # noqa: B027 (optional hook)
+        """The policy's weights have changed (after an optimizer step); nothing to do here."""
+
+
+class HFGenerate(RolloutEngine):
+    """Hugging Face ``generate`` on the training policy itself (:func:`sample_responses`): no
+    second copy of the weights, so nothing to synchronise."""
+
+    def sample(
+        self,
+        policy: torch.nn.Module,
+        processor: ProcessorMixin,
+        prompts: PromptBatch,
+        sampling: Sampling,
+        *,
+        num_samples: int,
+        suppress_token_ids: Sequence[int] = (),
+    ) -> Samples:
+        return sample_responses(
+            policy,
+            processor,
+            prompts,
+            sampling,
+            num_samples=num_samples,
+            suppress_token_ids=suppress_token_ids,
+        )
+
+
 def collect_rollouts(
     policy: torch.nn.Module,
     processor: ProcessorMixin,
@@ -326,10 +382,13 @@ def collect_rollouts(
     *,
     group_size: int,
     suppress_token_ids: Sequence[int] = (),
+    engine: RolloutEngine | None = None,
 ) -> RolloutBatch:
-    """Generate G responses per prompt, decode and score them into a :class:`RolloutBatch`."""
+    """Generate G responses per prompt with ``engine`` (HF ``generate`` when None), decode and
+    score them into a :class:`RolloutBatch`."""
     start = time.perf_counter()
-    response_ids, response_mask, sampler_logp = sample_responses(
+    engine = engine if engine is not None else HFGenerate()
+    response_ids, response_mask, sampler_logp = engine.sample(
         policy,
         processor,
         prompts,
@@ -337,6 +396,14 @@ def collect_rollouts(
         num_samples=group_size,
         suppress_token_ids=suppress_token_ids,
     )
+    if response_ids.shape != response_mask.shape or response_ids.shape[0] != (
+        prompts.num_prompts * group_size
+    ):
+        raise ValueError(
+            f"{type(engine).__name__}.sample returned response_ids {tuple(response_ids.shape)} "
+            f"and response_mask {tuple(response_mask.shape)} for {prompts.num_prompts} prompts "
+            f"x {group_size} samples: it must return [B * G, L] for both."
+        )
     texts = decode_responses(processor, response_ids, response_mask)
     rewards, terms = scorer(texts, repeat_columns(prompts.columns, group_size))
     device = response_ids.device

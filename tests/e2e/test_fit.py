@@ -103,3 +103,38 @@ def test_several_mini_batches_per_rollout_batch(tmp_path):
     # 2 rollout batches x 2 mini-batches would be 4 optimizer steps; max_steps=2 stops after one.
     assert cli.model.global_step == 2
     assert cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 1
+
+
+def _rollout_callbacks(cli):  # type: ignore[no-untyped-def]
+    from cppo_lightning.callbacks import RolloutCallback
+
+    return [cb for cb in cli.trainer.callbacks if isinstance(cb, RolloutCallback)]
+
+
+def test_a_rollout_engine_is_chosen_by_class_path(tmp_path):
+    cli = main(_fit_args(tmp_path, "--rollout.engine=tests.helpers.engines.RecordingEngine"))
+    (callback,) = _rollout_callbacks(cli)
+    engine = callback.engine
+    assert type(engine).__name__ == "RecordingEngine"
+    assert engine.samples == 2 and engine.updates == 2  # one rollout and one sync per step
+
+
+def test_a_users_rollout_callback_replaces_the_default(tmp_path):
+    user = (
+        '{"class_path": "tests.helpers.engines.CountingRollout", '
+        '"init_args": {"group_size": 8, "max_new_tokens": 16}}'
+    )
+    cli = main(_fit_args(tmp_path, f"--trainer.callbacks+={user}"))
+    callbacks = _rollout_callbacks(cli)
+    (custom,) = [cb for cb in callbacks if type(cb).__name__ == "CountingRollout"]
+    (stock,) = [cb for cb in callbacks if cb is not custom]
+    assert custom.calls == 2 and stock.replaced_by is custom
+    assert cli.model.global_step == 2
+
+
+def test_two_stock_rollout_callbacks_are_refused(tmp_path):
+    extra = (
+        '{"class_path": "cppo_lightning.callbacks.RolloutCallback", "init_args": {"group_size": 8}}'
+    )
+    with pytest.raises(ValueError, match="rollout callbacks"):
+        main(_fit_args(tmp_path, f"--trainer.callbacks+={extra}"))
