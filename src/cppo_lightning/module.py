@@ -1,36 +1,27 @@
-"""The LightningModule: owns the policy, the frozen reference and the optimisation of one step.
+"""The LightningModule: owns the policy, the frozen reference, their set-up, rollouts,
+validation and checkpoints.
 
-One training step = one rollout batch of B prompts x G responses (collected by
-:class:`~cppo_lightning.callbacks.RolloutCallback` just before the step), split into mini-batches
-(one optimizer step each) and micro-batches (gradient accumulation). The math lives in
-:mod:`cppo_lightning.losses`; this file only wires it.
+The training step itself (advantages, old/reference log-probs, mini- and micro-batches, the loss
+of a micro-batch) is :class:`~cppo_lightning.update.PolicyUpdate`, which this class extends; the
+math lives in :mod:`cppo_lightning.losses`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import time
 from collections.abc import Iterator
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from cppo_lightning.detection import TokenSelector
-from cppo_lightning.logprobs import ResponseScores, Scoring, score_responses
-from cppo_lightning.losses import aggregate, group_advantages, kl_estimate, policy_loss
+from cppo_lightning.logprobs import Scoring
 from cppo_lightning.perception import (
     PerceptionObjective,
-    PerceptionTerm,
-    detect_tokens,
-    micro_batch,
 )
 from cppo_lightning.policy import (
     DEFAULT_MODEL,
@@ -44,25 +35,8 @@ from cppo_lightning.policy import (
 )
 from cppo_lightning.records import PromptBatch, RolloutBatch, UpdateRecord
 from cppo_lightning.rewards import WeightedReward
-from cppo_lightning.rollout import RolloutEngine, Sampling, collect_rollouts, rollout_metrics
-
-# The per-token fields of a PerceptionTerm that UpdateRecord keeps, in its field order.
-_RECORDED = ("mask", "entropy", "entropy_removed")
-
-
-def _joined(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """The micro-batches' ``[n, L]`` pieces in response order, or None if any has none."""
-    if not parts or any(p is None for p in parts):
-        return None
-    return torch.cat(cast(list[torch.Tensor], parts))
-
-
-def _is_fsdp(module: Any) -> bool:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(module, FullyShardedDataParallel)
+from cppo_lightning.rollout import RolloutEngine, Sampling, collect_rollouts
+from cppo_lightning.update import PolicyUpdate, is_fsdp
 
 
 @contextlib.contextmanager
@@ -70,7 +44,7 @@ def _root_parameters(module: Any) -> Iterator[None]:
     """Under FSDP, gather the root's own (unwrapped) parameters for ``generate``, which does not
     go through the root's forward; nested FSDP units gather theirs as they run. A no-op
     otherwise."""
-    if not _is_fsdp(module):
+    if not is_fsdp(module):
         yield
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -83,7 +57,7 @@ def _root_parameters(module: Any) -> Iterator[None]:
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
-class CPPOModule(LightningModule):
+class CPPOModule(PolicyUpdate):
     """RL fine-tuning of a vision-language policy with a frozen reference: GRPO, plus CPPO's
     contrastive perception loss or PAPO's implicit perception loss (``perception_loss``).
 
@@ -107,6 +81,11 @@ class CPPOModule(LightningModule):
             more than one mini-batch the old log-probs are recomputed before the first update.
         micro_batch_size: Responses per forward/backward (gradient accumulation inside a
             mini-batch); bounds activation memory.
+        micro_batch_tokens: Token budget per forward/backward instead of a fixed count:
+            responses sorted by length are packed while ``responses x (prompt + longest
+            response)`` fits (``micro_batch_size`` is then unused); None keeps fixed counts.
+            Either way each micro-batch is cut to its longest response, and the gradient is
+            the mini-batch's under ``loss_agg`` (see :mod:`cppo_lightning.batching`).
         logprob_chunk_tokens: Response positions per chunk of the LM head when log-probs and
             entropies are computed (:mod:`cppo_lightning.logprobs`): at most this many rows of
             ``[*, V]`` logits exist at once, recomputed in the backward. None sizes chunks to
@@ -149,6 +128,7 @@ class CPPOModule(LightningModule):
         temperature: float = 1.0,
         mini_batch_size: int | None = None,
         micro_batch_size: int = 16,
+        micro_batch_tokens: int | None = None,
         logprob_chunk_tokens: int | None = None,
         clip_low: float = 0.2,
         clip_high: float = 0.2,
@@ -200,6 +180,12 @@ class CPPOModule(LightningModule):
         self.temperature = temperature
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size
+        if micro_batch_tokens is not None and micro_batch_tokens < 1:
+            raise ValueError(
+                f"micro_batch_tokens must be >= 1 or null, got {micro_batch_tokens}: it is the "
+                "token budget (responses x (prompt + longest response)) of one micro-batch."
+            )
+        self.micro_batch_tokens = micro_batch_tokens
         # Checked here (Scoring validates), before any model is loaded.
         Scoring(temperature, chunk_tokens=logprob_chunk_tokens)
         self.logprob_chunk_tokens = logprob_chunk_tokens
@@ -389,7 +375,7 @@ class CPPOModule(LightningModule):
     @property
     def sharded(self) -> bool:
         """Whether the trainer wrapped this module with FSDP."""
-        return self._trainer is not None and _is_fsdp(self.trainer.strategy.model)
+        return self._trainer is not None and is_fsdp(self.trainer.strategy.model)
 
     def set_rollout(self, rollout: RolloutBatch) -> None:
         """Hand over the rollout batch that the next ``training_step`` learns from."""
@@ -404,224 +390,10 @@ class CPPOModule(LightningModule):
             )
         return rollout
 
-    # ------------------------------------------------------------------ training
-    @property
-    def scoring(self) -> Scoring:
-        """How every forward turns hidden states into token scores: the sampling temperature,
-        the tokens the sampler suppresses, the LM-head chunk size."""
-        return Scoring(
-            self.temperature,
-            tuple(getattr(self, "suppress_token_ids", ())),
-            self.logprob_chunk_tokens,
-        )
-
-    def score(
-        self,
-        model: torch.nn.Module,
-        rollout: RolloutBatch,
-        index: torch.Tensor,
-        vision: dict[str, torch.Tensor] | None = None,
-    ) -> ResponseScores:
-        """The forward of ``model`` on responses ``index`` (under ``vision`` when given), from
-        which log-probs and entropies are read chunk by chunk."""
-        return score_responses(
-            model,
-            rollout.prompts,
-            rollout.prompt_index[index],
-            rollout.response_ids[index],
-            rollout.response_mask[index],
-            self.scoring,
-            vision,
-        )
-
-    def sequence_logps(
-        self, model: torch.nn.Module, rollout: RolloutBatch, index: torch.Tensor
-    ) -> torch.Tensor:
-        """``[n, L]`` log-probs of the sampled tokens of responses ``index`` under ``model``."""
-        return self.score(model, rollout, index).logps()
-
-    def _reference_logps(self, rollout: RolloutBatch, index: torch.Tensor) -> torch.Tensor:
-        if self.reference is not None:
-            return self.sequence_logps(self.reference, rollout, index)
-        assert self.policy is not None
-        with self.policy.disable_adapter():  # type: ignore[operator]
-            return self.sequence_logps(self.policy, rollout, index)
-
-    @torch.no_grad()
-    def prepare_update(self, rollout: RolloutBatch) -> RolloutBatch:
-        """Add advantages, old log-probs (only if several mini-batches) and reference log-probs."""
-        advantages = group_advantages(
-            rollout.rewards, rollout.group_size, scale=self.advantage_scale
-        )
-        chunks = list(self._micro_batches(torch.arange(rollout.num_responses, device=self.device)))
-        old_logp = ref_logp = None
-        if len(self._mini_batches(rollout)) > 1:
-            assert self.policy is not None
-            old_logp = torch.cat([self.sequence_logps(self.policy, rollout, i) for i in chunks])
-        if self.kl_coef > 0:
-            ref_logp = torch.cat([self._reference_logps(rollout, i) for i in chunks])
-        return dataclasses.replace(
-            rollout, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp
-        )
-
-    def _mini_batches(self, rollout: RolloutBatch) -> list[torch.Tensor]:
-        # A batch that lost rows to unreadable images may leave a smaller last mini-batch.
-        size = self.mini_batch_size or rollout.prompts.num_prompts
-        index = torch.arange(rollout.num_responses, device=self.device)
-        return list(index.split(size * rollout.group_size))
-
-    def _micro_batches(self, index: torch.Tensor) -> Iterator[torch.Tensor]:
-        return iter(index.split(self.micro_batch_size))
-
-    def compute_loss(
-        self, rollout: RolloutBatch, index: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], PerceptionTerm | None]:
-        """Loss of one micro-batch: clipped surrogate + beta * KL + the perception term.
-
-        Returns:
-            The loss, detached statistics, and the perception term (its ``[n, L]`` selected
-            tokens and their entropies; None without a perception loss).
-        """
-        assert self.policy is not None and rollout.advantages is not None
-        mask = rollout.response_mask[index]  # [n, L]
-        scores = self.score(self.policy, rollout, index)  # hidden [n, L, H]
-        logp = scores.logps()  # [n, L]
-        old_logp = rollout.old_logp[index] if rollout.old_logp is not None else logp.detach()
-        loss, stats = policy_loss(
-            logp,
-            old_logp,
-            rollout.advantages[index],
-            mask,
-            clip_low=self.clip_low,
-            clip_high=self.clip_high,
-            dual_clip=self.dual_clip,
-            agg=self.loss_agg,
-            agg_constant=self.max_new_tokens,
-        )
-        stats = {f"train/{k}": v for k, v in stats.items()}
-        stats["train/policy_loss"] = loss.detach()
-        if rollout.sampler_logp is not None:
-            # old_logp is the training forward before any update of this rollout batch (with
-            # one mini-batch, this very forward), so any gap to the sampler is train/inference
-            # drift: settings the sampler applied and training does not, or numerics.
-            gap = (rollout.sampler_logp[index] - old_logp.detach()).abs()  # [n, L]
-            stats["rollout/logp_mismatch"] = (gap * mask).sum() / mask.sum().clamp(min=1)
-        if self.kl_coef > 0:
-            assert rollout.ref_logp is not None
-            kl = aggregate(
-                kl_estimate(logp, rollout.ref_logp[index], kind=self.kl_estimator),
-                mask,
-                self.loss_agg,
-                self.max_new_tokens,
-            )
-            loss = loss + self.kl_coef * kl
-            stats["train/kl"] = kl.detach()
-        term = None
-        if self.perception_loss is not None:
-            micro = micro_batch(
-                self.policy,
-                rollout,
-                index,
-                scores,
-                logp,
-                self.loss_agg,
-                self.max_new_tokens,
-            )
-            term = self.perception_loss(
-                micro,
-                self.token_selector,
-                self.cpl_weight,
-            )
-            loss = loss + term.loss
-            stats.update({f"perception/{k}": v for k, v in term.stats.items()})
-        stats["train/loss"] = loss.detach()
-        return loss, stats, term
-
-    def detect_perception_tokens(self, rollout: RolloutBatch) -> RolloutBatch:
-        """Detect perception tokens with the current (rollout-time) policy, before any update
-        (no gating: that is applied in the loss). See :func:`perception.detect_tokens`."""
-        assert self.policy is not None
-        if self.token_selector is None:
-            raise RuntimeError("no token selector: the perception_tokens callback sets it.")
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            mask = detect_tokens(
-                self.policy,
-                rollout,
-                dataclasses.replace(self.token_selector, gate_advantages=False),
-                self.scoring,
-                self._micro_batches(torch.arange(rollout.num_responses, device=self.device)),
-            )
-        finally:
-            self.policy.train(was_training)
-        return dataclasses.replace(rollout, perception_mask=mask)
-
     @property
     def pending_rollout(self) -> RolloutBatch | None:
         """The rollout batch the next training step will learn from (set by ``set_rollout``)."""
         return self._rollout
-
-    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        start = time.perf_counter()
-        rollout = self.prepare_update(self._take_rollout(batch))
-        optimizer = cast(LightningOptimizer, self.optimizers())
-        scheduler = self.lr_schedulers()
-        sums: dict[str, float] = {}
-        count = 0
-        terms: list[PerceptionTerm] = []
-        for mini in self._mini_batches(rollout):
-            optimizer.zero_grad()
-            micros = list(self._micro_batches(mini))
-            for i, micro in enumerate(micros):
-                with self._gradient_sync(last=i == len(micros) - 1):
-                    loss, stats, term = self.compute_loss(rollout, micro)
-                    self.manual_backward(loss / len(micros))
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-                count += 1
-                if term is not None:
-                    terms.append(term)
-            grad_norm = self._clip_gradients()
-            sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + grad_norm * len(micros)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()  # type: ignore[union-attr]
-        metrics = {key: value / count for key, value in sums.items()}
-        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-        metrics["train/update_seconds"] = time.perf_counter() - start
-        metrics.update(rollout_metrics(rollout))
-        # Responses scored 0 because a reward function raised (cumulative, per term).
-        for name, errors in getattr(self.reward, "total_errors", {}).items():
-            metrics[f"rollout/reward_errors/{name}"] = float(errors)
-        # Averaged over ranks under DDP/FSDP, so the logged curve describes the whole batch. Every
-        # rank must log the same keys (each key is one all-reduce).
-        self.log_dict(metrics, batch_size=rollout.num_responses, sync_dist=True)
-        self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False)
-        self.last_update = UpdateRecord(
-            rollout, *(_joined([getattr(t, f) for t in terms]) for f in _RECORDED)
-        )
-
-    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
-        """Under DDP, gradients are all-reduced once per optimizer step, in the last
-        micro-batch's backward; the others accumulate locally (no-op on other strategies)."""
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if last or not isinstance(strategy, ParallelStrategy):
-            return contextlib.nullcontext()
-        return strategy.block_backward_sync()
-
-    def _clip_gradients(self) -> float:
-        wrapped = self.trainer.strategy.model if self._trainer is not None else None
-        if _is_fsdp(wrapped):
-            # Sharded gradients: only FSDP's own clip sees the global norm.
-            limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-            return float(wrapped.clip_grad_norm_(limit))  # type: ignore[union-attr,operator]
-        params = [p for p in self.trainable_parameters() if p.grad is not None]
-        if self.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        return float(norm)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Stopping through should_stop makes Lightning validate after the last step, so the run

@@ -19,7 +19,7 @@ from torch import Tensor
 from cppo_lightning.detection import TokenSelector
 from cppo_lightning.logprobs import ResponseScores, Scoring, score_responses
 from cppo_lightning.losses import aggregate, contrastive_perception_loss, implicit_perception_loss
-from cppo_lightning.records import RolloutBatch
+from cppo_lightning.records import RolloutBatch, pad_columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,14 +351,16 @@ def detect_tokens(
     views = rollout.prompts.views
     if views is None:
         raise ValueError("rollout-time detection needs data.removing_view.")
-    masks = []
+    out = torch.zeros_like(rollout.response_mask, dtype=torch.bool)  # [N, L]
     for index in chunks:
-        ids, mask = rollout.response_ids[index], rollout.response_mask[index]  # [n, L]
+        part = rollout.take(index)  # cut to the chunk's longest response: [n, l]
+        ids, mask = part.response_ids, part.response_mask
         entropies = [
             score_responses(
-                policy, rollout.prompts, rollout.prompt_index[index], ids, mask, scoring, vision
-            ).entropy()  # [n, L]
+                policy, part.prompts, part.prompt_index, ids, mask, scoring, vision
+            ).entropy()  # [n, l]
             for vision in (None, views.vision("removing"))
         ]
-        masks.append(selector(entropies[0], entropies[1], mask))
-    return torch.cat(masks)
+        selected = selector(entropies[0], entropies[1], mask)  # [n, l]
+        out[index] = pad_columns(selected, out.shape[1], value=False)
+    return out

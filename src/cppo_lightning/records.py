@@ -164,6 +164,37 @@ class RolloutBatch:
     def num_responses(self) -> int:
         return int(self.response_ids.shape[0])
 
+    def take(self, index: torch.Tensor) -> RolloutBatch:
+        """Responses ``index`` only, every ``[N, L]`` field cut to the longest of them (the
+        right padding all of them share is dropped, so a micro-batch of short responses costs
+        only their length). The prompts are shared; ``group_size`` keeps its value although
+        the rows need not form whole groups (advantages are computed before taking)."""
+        length = max(1, int(self.response_mask[index].sum(1).max())) if len(index) else 1
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index][:, :length]
+
+        rows = index.tolist()
+        return dataclasses.replace(
+            self,
+            prompt_index=self.prompt_index[index],
+            response_ids=self.response_ids[index][:, :length],
+            response_mask=self.response_mask[index][:, :length],
+            texts=[self.texts[i] for i in rows],
+            rewards=self.rewards[index],
+            reward_terms={k: v[index] for k, v in self.reward_terms.items()},
+            sampler_logp=cut(self.sampler_logp),
+            advantages=self.advantages[index] if self.advantages is not None else None,
+            old_logp=cut(self.old_logp),
+            ref_logp=cut(self.ref_logp),
+            perception_mask=cut(self.perception_mask),
+        )
+
+
+def pad_columns(t: torch.Tensor, length: int, value: float = 0) -> torch.Tensor:
+    """``[n, l] -> [n, length]``, right-padded with ``value`` (the inverse of ``take``'s cut)."""
+    return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
 
 @dataclasses.dataclass(frozen=True)
 class UpdateRecord:

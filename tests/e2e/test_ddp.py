@@ -9,10 +9,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_cppo_trains_under_ddp_on_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--model.micro_batch_size=3"],  # several backward passes per optimizer step
+        # Token-budget micro-batches (a collective fixes their count) and the global batch std.
+        ["--model.micro_batch_tokens=400", "--model.advantage_scale=batch"],
+    ],
+    ids=["fixed-micro-batches", "token-budget-batch-std"],
+)
+def test_cppo_trains_under_ddp_on_two_cpu_processes(tmp_path, extra):
     command = [
         sys.executable,
         "-m",
@@ -32,7 +43,7 @@ def test_cppo_trains_under_ddp_on_two_cpu_processes(tmp_path):
         "--data.dataset.init_args.num_val=4",
         "--rollout.max_new_tokens=16",
         "--model.val_samples=1",
-        "--model.micro_batch_size=3",  # several backward passes per optimizer step
+        *extra,
         "--trainer.callbacks.num_rows=4",  # base.yaml's Evaluation callback, on 4 prompts
         "--trainer.callbacks+=tests.helpers.checksum.WriteParameterChecksum",
         f"--trainer.callbacks.directory={tmp_path / 'checksums'}",

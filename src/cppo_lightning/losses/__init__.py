@@ -6,12 +6,19 @@ selected perception tokens, and ``papo`` the PAPO baseline's implicit perception
 """
 
 from cppo_lightning.losses.cpl import contrastive_perception_loss
-from cppo_lightning.losses.grpo import aggregate, group_advantages, kl_estimate, policy_loss
+from cppo_lightning.losses.grpo import (
+    aggregate,
+    global_std,
+    group_advantages,
+    kl_estimate,
+    policy_loss,
+)
 from cppo_lightning.losses.papo import implicit_perception_loss
 
 __all__ = [
     "aggregate",
     "contrastive_perception_loss",
+    "global_std",
     "group_advantages",
     "implicit_perception_loss",
     "kl_estimate",

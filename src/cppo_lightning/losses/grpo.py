@@ -38,6 +38,7 @@ def group_advantages(
     group_size: int,
     scale: str = "group",
     eps: float = 1e-6,
+    batch_std: Tensor | float | None = None,
 ) -> Tensor:
     """Group-relative advantages: each reward minus its group mean, optionally scaled.
 
@@ -55,6 +56,9 @@ def group_advantages(
             by the std of all N rewards (a group-mean baseline with batch-level scaling), and
             ``"none"`` returns ``r - mean_group(r)`` unscaled (Dr. GRPO).
         eps: Added to the std before dividing, so that small-variance groups stay finite.
+        batch_std: The std ``"batch"`` divides by, when the batch is larger than ``rewards``
+            (under DDP each rank holds part of it: :func:`global_std` of all ranks' rewards);
+            the std of ``rewards`` when None.
 
     Returns:
         The advantage of every response, in the reward dtype (integer and bool rewards are
@@ -97,7 +101,8 @@ def group_advantages(
     if scale == "group":
         adv = centered / (grouped.std(dim=1, keepdim=True) + eps)  # [B, G]
     elif scale == "batch":
-        adv = centered / (rewards.std() + eps)  # [B, G]
+        std = rewards.std() if batch_std is None else batch_std
+        adv = centered / (std + eps)  # [B, G]
     else:
         adv = centered
 
@@ -106,6 +111,17 @@ def group_advantages(
     constant = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # [B, 1]
     adv = torch.where(constant, torch.zeros_like(adv), adv)  # [B, G]
     return adv.reshape(n)
+
+
+def global_std(count: Tensor, total: Tensor, total_squares: Tensor) -> Tensor:
+    """The sample (unbiased) std of values known only through their count, sum and sum of
+    squares, e.g. summed over DDP ranks: ``sqrt((sum x^2 - (sum x)^2 / n) / (n - 1))``.
+
+    Shape:
+        all inputs and the output: ``[]``.
+    """
+    variance = (total_squares - total.square() / count) / (count - 1).clamp(min=1)
+    return variance.clamp(min=0).sqrt()
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:

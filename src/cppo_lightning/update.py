@@ -1,0 +1,428 @@
+"""One training step: the loss path of :class:`~cppo_lightning.module.CPPOModule`.
+
+A rollout batch of B prompts x G responses arrives from the rollout callback. The step adds
+advantages and the old and reference log-probs (:meth:`PolicyUpdate.prepare_update`), splits
+the responses into mini-batches (one optimizer step each) and micro-batches (gradient
+accumulation), and for each micro-batch computes clipped surrogate + beta * KL + the perception
+term (:meth:`PolicyUpdate.compute_loss`). Every log-prob and entropy comes from the chunked LM
+head of :mod:`cppo_lightning.logprobs`; the math is in :mod:`cppo_lightning.losses`,
+:mod:`cppo_lightning.detection` and :mod:`cppo_lightning.perception`.
+
+Data flow of one step::
+
+    RolloutBatch --prepare_update--> + advantages, old_logp, ref_logp
+        for mini in mini-batches:                 # one optimizer step each
+            for micro in micro-batches(mini):     # gradient accumulation
+                score(policy, micro) -> logp -> policy_loss + kl_coef * KL (+ perception term)
+                backward(loss * weight)           # weights make the sum the mini-batch's loss
+            clip gradients, optimizer.step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterator
+from typing import Any, cast
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import ParallelStrategy
+
+from cppo_lightning.batching import equalise_count, micro_batch_weights, pack_by_tokens
+from cppo_lightning.detection import TokenSelector
+from cppo_lightning.logprobs import ResponseScores, Scoring, score_responses
+from cppo_lightning.losses import (
+    aggregate,
+    global_std,
+    group_advantages,
+    kl_estimate,
+    policy_loss,
+)
+from cppo_lightning.perception import (
+    PerceptionObjective,
+    PerceptionTerm,
+    detect_tokens,
+    micro_batch,
+)
+from cppo_lightning.records import PromptBatch, RolloutBatch, UpdateRecord, pad_columns
+from cppo_lightning.rewards import WeightedReward
+from cppo_lightning.rollout import rollout_metrics
+
+__all__ = ["PolicyUpdate", "is_fsdp"]
+
+# The per-token fields of a PerceptionTerm that UpdateRecord keeps, in its field order.
+_RECORDED = ("mask", "entropy", "entropy_removed")
+
+
+def _joined(
+    parts: list[tuple[torch.Tensor, torch.Tensor | None]], num_responses: int
+) -> torch.Tensor | None:
+    """The micro-batches' ``[n, L]`` pieces put back at their responses' rows (micro-batches
+    packed by length are not in response order), or None if any piece is None."""
+    if not parts or any(p is None for _, p in parts):
+        return None
+    first = cast(torch.Tensor, parts[0][1])
+    out = first.new_zeros((num_responses, first.shape[1]))
+    for index, piece in parts:
+        out[index] = cast(torch.Tensor, piece)
+    return out
+
+
+def is_fsdp(module: Any) -> bool:
+    """Whether ``module`` is wrapped by FSDP (the trainer's strategy model)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(module, FullyShardedDataParallel)
+
+
+def _all(rollout: RolloutBatch) -> torch.Tensor:
+    return torch.arange(rollout.num_responses, device=rollout.response_ids.device)
+
+
+class PolicyUpdate(LightningModule):
+    """The training step of :class:`~cppo_lightning.module.CPPOModule`, which sets the
+    attributes declared here from its constructor arguments (documented there)."""
+
+    policy: torch.nn.Module | None
+    reference: torch.nn.Module | None
+    reward: WeightedReward
+    perception_loss: PerceptionObjective | None
+    token_selector: TokenSelector | None
+    cpl_weight: float | None
+    last_update: UpdateRecord | None
+    suppress_token_ids: list[int]
+    temperature: float
+    logprob_chunk_tokens: int | None
+    mini_batch_size: int | None
+    micro_batch_size: int
+    micro_batch_tokens: int | None
+    clip_low: float
+    clip_high: float
+    dual_clip: float | None
+    kl_coef: float
+    kl_estimator: str
+    loss_agg: str
+    advantage_scale: str
+    max_grad_norm: float
+    max_new_tokens: int
+
+    def _take_rollout(self, batch: PromptBatch) -> RolloutBatch:
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    @property
+    def scoring(self) -> Scoring:
+        """How every forward turns hidden states into token scores: the sampling temperature,
+        the tokens the sampler suppresses, the LM-head chunk size."""
+        return Scoring(
+            self.temperature,
+            tuple(getattr(self, "suppress_token_ids", ())),
+            self.logprob_chunk_tokens,
+        )
+
+    def score(
+        self,
+        model: torch.nn.Module,
+        rollout: RolloutBatch,
+        index: torch.Tensor,
+        vision: dict[str, torch.Tensor] | None = None,
+    ) -> ResponseScores:
+        """The forward of ``model`` on responses ``index`` (under ``vision`` when given), from
+        which log-probs and entropies are read chunk by chunk."""
+        return score_responses(
+            model,
+            rollout.prompts,
+            rollout.prompt_index[index],
+            rollout.response_ids[index],
+            rollout.response_mask[index],
+            self.scoring,
+            vision,
+        )
+
+    def sequence_logps(
+        self, model: torch.nn.Module, rollout: RolloutBatch, index: torch.Tensor
+    ) -> torch.Tensor:
+        """``[n, L]`` log-probs of the sampled tokens of responses ``index`` under ``model``."""
+        return self.score(model, rollout, index).logps()
+
+    def _reference_logps(self, rollout: RolloutBatch, index: torch.Tensor) -> torch.Tensor:
+        if self.reference is not None:
+            return self.sequence_logps(self.reference, rollout, index)
+        assert self.policy is not None
+        with self.policy.disable_adapter():  # type: ignore[operator]
+            return self.sequence_logps(self.policy, rollout, index)
+
+    @torch.no_grad()
+    def prepare_update(self, rollout: RolloutBatch) -> RolloutBatch:
+        """Add advantages, old log-probs (only if several mini-batches) and reference log-probs."""
+        advantages = group_advantages(
+            rollout.rewards,
+            rollout.group_size,
+            scale=self.advantage_scale,
+            batch_std=self._global_reward_std(rollout) if self.advantage_scale == "batch" else None,
+        )
+        chunks = self._micro_batches(
+            rollout, torch.arange(rollout.num_responses, device=self.device)
+        )
+        old_logp = ref_logp = None
+        if len(self._mini_batches(rollout)) > 1:
+            assert self.policy is not None
+            policy = self.policy
+            old_logp = self._per_response(
+                rollout, chunks, lambda part: self.sequence_logps(policy, part, _all(part))
+            )
+        if self.kl_coef > 0:
+            ref_logp = self._per_response(
+                rollout, chunks, lambda part: self._reference_logps(part, _all(part))
+            )
+        return dataclasses.replace(
+            rollout, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp
+        )
+
+    def _global_reward_std(self, rollout: RolloutBatch) -> torch.Tensor | None:
+        """The std of the rewards of the whole batch, all ranks together (``advantage_scale:
+        batch`` under DDP/FSDP); None without a trainer, where the local batch is the batch."""
+        if self._trainer is None:
+            return None
+        rewards = rollout.rewards.double()
+        sums = torch.stack(
+            [rewards.new_tensor(len(rewards)), rewards.sum(), rewards.square().sum()]
+        )
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        return global_std(*sums).to(
+            rollout.rewards.dtype
+            if rollout.rewards.is_floating_point()
+            else torch.get_default_dtype()
+        )
+
+    @staticmethod
+    def _per_response(
+        rollout: RolloutBatch,
+        chunks: list[torch.Tensor],
+        compute: Any,
+    ) -> torch.Tensor:
+        """``[N, L]`` from ``compute(rollout.take(chunk)) -> [n, l]`` over a partition."""
+        length = rollout.response_ids.shape[1]
+        return cast(
+            torch.Tensor,
+            _joined(
+                [(i, pad_columns(compute(rollout.take(i)), length)) for i in chunks],
+                rollout.num_responses,
+            ),
+        )
+
+    def _mini_batches(self, rollout: RolloutBatch) -> list[torch.Tensor]:
+        # A batch that lost rows to unreadable images may leave a smaller last mini-batch.
+        size = self.mini_batch_size or rollout.prompts.num_prompts
+        index = torch.arange(rollout.num_responses, device=self.device)
+        return list(index.split(size * rollout.group_size))
+
+    def _micro_batches(self, rollout: RolloutBatch, index: torch.Tensor) -> list[torch.Tensor]:
+        """The micro-batches of responses ``index``: ``micro_batch_size`` responses each, or
+        packed by length under ``micro_batch_tokens`` (see :mod:`cppo_lightning.batching`)."""
+        if self.micro_batch_tokens is None:
+            return list(index.split(self.micro_batch_size))
+        lengths = rollout.response_mask[index].sum(1)
+        prompt_length = rollout.prompts.input_ids.shape[1]
+        micros = [index[i] for i in pack_by_tokens(lengths, prompt_length, self.micro_batch_tokens)]
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.all_gather(torch.tensor(len(micros), device=self.device))
+            micros = equalise_count(micros, int(torch.as_tensor(counts).max()))
+        return micros
+
+    def compute_loss(
+        self, rollout: RolloutBatch, index: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], PerceptionTerm | None]:
+        """Loss of one micro-batch: clipped surrogate + beta * KL + the perception term.
+
+        Returns:
+            The loss, detached statistics, and the perception term (its ``[n, L]`` selected
+            tokens and their entropies; None without a perception loss).
+        """
+        assert self.policy is not None and rollout.advantages is not None
+        length = rollout.response_ids.shape[1]
+        # The micro-batch alone, cut to its longest response: [n, l] fields with l <= L.
+        rollout, index = rollout.take(index), torch.arange(len(index), device=index.device)
+        assert rollout.advantages is not None
+        mask = rollout.response_mask  # [n, l]
+        scores = self.score(self.policy, rollout, index)  # hidden [n, l, H]
+        logp = scores.logps()  # [n, l]
+        old_logp = rollout.old_logp if rollout.old_logp is not None else logp.detach()
+        loss, stats = policy_loss(
+            logp,
+            old_logp,
+            rollout.advantages,
+            mask,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            dual_clip=self.dual_clip,
+            agg=self.loss_agg,
+            agg_constant=self.max_new_tokens,
+        )
+        stats = {f"train/{k}": v for k, v in stats.items()}
+        stats["train/policy_loss"] = loss.detach()
+        if rollout.sampler_logp is not None:
+            # old_logp is the training forward before any update of this rollout batch (with
+            # one mini-batch, this very forward), so any gap to the sampler is train/inference
+            # drift: settings the sampler applied and training does not, or numerics.
+            gap = (rollout.sampler_logp - old_logp.detach()).abs()  # [n, l]
+            stats["rollout/logp_mismatch"] = (gap * mask).sum() / mask.sum().clamp(min=1)
+        if self.kl_coef > 0:
+            assert rollout.ref_logp is not None
+            kl = aggregate(
+                kl_estimate(logp, rollout.ref_logp, kind=self.kl_estimator),
+                mask,
+                self.loss_agg,
+                self.max_new_tokens,
+            )
+            loss = loss + self.kl_coef * kl
+            stats["train/kl"] = kl.detach()
+        term = None
+        if self.perception_loss is not None:
+            micro = micro_batch(
+                self.policy,
+                rollout,
+                index,
+                scores,
+                logp,
+                self.loss_agg,
+                self.max_new_tokens,
+            )
+            term = self.perception_loss(
+                micro,
+                self.token_selector,
+                self.cpl_weight,
+            )
+            loss = loss + term.loss
+            stats.update({f"perception/{k}": v for k, v in term.stats.items()})
+
+            # Back to the rollout's L columns, so pieces of all micro-batches line up.
+            def padded(t: torch.Tensor | None) -> torch.Tensor | None:
+                return None if t is None else pad_columns(t, length)
+
+            term = term._replace(
+                mask=padded(term.mask),
+                entropy=padded(term.entropy),
+                entropy_removed=padded(term.entropy_removed),
+            )
+        stats["train/loss"] = loss.detach()
+        return loss, stats, term
+
+    def detect_perception_tokens(self, rollout: RolloutBatch) -> RolloutBatch:
+        """Detect perception tokens with the current (rollout-time) policy, before any update
+        (no gating: that is applied in the loss). See :func:`perception.detect_tokens`."""
+        assert self.policy is not None
+        if self.token_selector is None:
+            raise RuntimeError("no token selector: the perception_tokens callback sets it.")
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            mask = detect_tokens(
+                self.policy,
+                rollout,
+                dataclasses.replace(self.token_selector, gate_advantages=False),
+                self.scoring,
+                self._micro_batches(
+                    rollout, torch.arange(rollout.num_responses, device=self.device)
+                ),
+            )
+        finally:
+            self.policy.train(was_training)
+        return dataclasses.replace(rollout, perception_mask=mask)
+
+    def accumulate_gradients(
+        self,
+        rollout: RolloutBatch,
+        mini: torch.Tensor,
+        sums: dict[str, float],
+        terms: list[tuple[torch.Tensor, PerceptionTerm]],
+    ) -> int:
+        """Backward of the loss of mini-batch ``mini`` (response indices), micro-batch by
+        micro-batch; adds each micro-batch's statistics to ``sums`` and its perception term to
+        ``terms``, and returns the number of micro-batches.
+
+        Each micro-batch's loss is weighted by its share of the mini-batch's ``loss_agg``
+        normaliser, so the accumulated gradient is the mini-batch's as one batch, however it is
+        cut (:func:`~cppo_lightning.batching.micro_batch_weights`).
+        """
+        micros = self._micro_batches(rollout, mini)
+        weights = micro_batch_weights([rollout.response_mask[m] for m in micros], self.loss_agg)
+        for i, (micro, weight) in enumerate(zip(micros, weights, strict=True)):
+            with self._gradient_sync(last=i == len(micros) - 1):
+                loss, stats, term = self.compute_loss(rollout, micro)
+                self._backward(loss * weight)
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            if term is not None:
+                terms.append((micro, term))
+        return len(micros)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self._trainer is None:  # outside a trainer (tests, scripts): plain autograd
+            loss.backward()
+        else:
+            self.manual_backward(loss)
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        start = time.perf_counter()
+        rollout = self.prepare_update(self._take_rollout(batch))
+        optimizer = cast(LightningOptimizer, self.optimizers())
+        scheduler = self.lr_schedulers()
+        sums: dict[str, float] = {}
+        count = 0
+        terms: list[tuple[torch.Tensor, PerceptionTerm]] = []
+        for mini in self._mini_batches(rollout):
+            optimizer.zero_grad()
+            micros = self.accumulate_gradients(rollout, mini, sums, terms)
+            count += micros
+            grad_norm = self._clip_gradients()
+            sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + grad_norm * micros
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()  # type: ignore[union-attr]
+        metrics = {key: value / count for key, value in sums.items()}
+        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+        metrics["train/update_seconds"] = time.perf_counter() - start
+        metrics.update(rollout_metrics(rollout))
+        # Responses scored 0 because a reward function raised (cumulative, per term).
+        for name, errors in getattr(self.reward, "total_errors", {}).items():
+            metrics[f"rollout/reward_errors/{name}"] = float(errors)
+        # Averaged over ranks under DDP/FSDP, so the logged curve describes the whole batch. Every
+        # rank must log the same keys (each key is one all-reduce).
+        self.log_dict(metrics, batch_size=rollout.num_responses, sync_dist=True)
+        self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False)
+        self.last_update = UpdateRecord(
+            rollout,
+            *(
+                _joined([(i, getattr(t, f)) for i, t in terms], rollout.num_responses)
+                for f in _RECORDED
+            ),
+        )
+
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Under DDP, gradients are all-reduced once per optimizer step, in the last
+        micro-batch's backward; the others accumulate locally (no-op on other strategies)."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if last or not isinstance(strategy, ParallelStrategy):
+            return contextlib.nullcontext()
+        return strategy.block_backward_sync()
+
+    def _clip_gradients(self) -> float:
+        wrapped = self.trainer.strategy.model if self._trainer is not None else None
+        if is_fsdp(wrapped):
+            # Sharded gradients: only FSDP's own clip sees the global norm.
+            limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+            return float(wrapped.clip_grad_norm_(limit))  # type: ignore[union-attr,operator]
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        if self.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        return float(norm)
