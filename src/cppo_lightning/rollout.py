@@ -59,18 +59,20 @@ class Sampling:
 
         Temperature, top-k and top-p are not in it: :meth:`warpers` applies them, so that the
         log-prob recorder runs after them (HF puts its own warpers after any custom processor).
+        When sampling, HF's own warpers are set to no-ops explicitly (HF would otherwise fill in
+        its global default ``top_k`` of 50); greedy decoding leaves them unset, as HF expects.
         """
+        sample = self.temperature != 0
+        neutral = {"temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {}
         return GenerationConfig(
-            do_sample=self.temperature != 0,
+            do_sample=sample,
             max_new_tokens=self.max_new_tokens,
             num_return_sequences=num_samples,
             eos_token_id=list(eos_token_ids),
             pad_token_id=pad_token_id,
             suppress_tokens=list(suppress_token_ids) or None,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
             use_cache=True,
+            **neutral,
         )
 
     def warpers(self) -> list[LogitsProcessor]:
