@@ -3,6 +3,7 @@
     python benchmarks/model_step.py --size 3b --steps 4            # one GPU, ~80 GB
     python benchmarks/model_step.py --size 3b --lora --steps 4     # the 1-GPU LoRA recipe's setting
     python benchmarks/model_step.py --size tiny --accelerator cpu  # check the script on a CPU
+    python benchmarks/model_step.py --size 3b --estimate           # memory by estimate, no GPU
 
 Builds the model from the published architecture sizes (no download: random weights, the embedded
 model's small tokenizer; the 151,936-token vocabulary is kept, since it dominates the logits'
@@ -14,6 +15,17 @@ hash of the text, so groups have variance and CPPO's I+/I- forwards run on the ~
 responses with A > 0, as in real training. Prints median rollout and update seconds per step
 (first step dropped) and the CUDA peak memory. Figures go into docs/paper-recipe.md; nothing here
 is asserted by tests.
+
+``--estimate`` runs nothing: it counts the parameters of the model built on the meta device and
+prints the memory of one CPPO update micro-batch, term by term, for the log-prob path before
+(full ``[n, L, V]`` logits, commit ebce29e) and now (chunked LM head). The two per-view factors
+are measured, not guessed: ``benchmarks/logprob_memory.py micro`` found the full-logits path
+holding 2.7 float32 copies of ``[n, L, V]`` per view above the activations (at L = 512 and
+1,024 alike) and the chunked path a constant 1.1-1.4 GiB at the default chunk of 2**26 logits.
+Activations assume checkpointing per decoder layer with float32 layer inputs (the residual
+stream of float32 master weights under bf16 autocast; bf16 on a LoRA bf16 base) and leave out
+the one layer being recomputed, the vision tower and the allocator's slack: an estimate, not a
+CUDA peak.
 """
 
 from __future__ import annotations
@@ -60,6 +72,9 @@ SIZES: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 VOCAB = 151936
+# From benchmarks/logprob_memory.py micro (docs/results.md#memory-of-the-log-prob-path).
+FULL_LOGITS_COPIES_PER_VIEW = 2.7
+CHUNKED_HEAD_GIB = 1.4
 
 
 def text_hash_reward(completions: list[str], **_: Any) -> list[float]:
@@ -67,14 +82,13 @@ def text_hash_reward(completions: list[str], **_: Any) -> list[float]:
     return [zlib.crc32(text.encode()) % 1000 / 1000 for text in completions]
 
 
-def build(size: str, directory: Path) -> None:
-    """Save a random Qwen2.5-VL of ``size`` with the embedded model's tokenizer and processor."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def _config(size: str) -> Any:
+    """The Qwen2.5-VL config of ``size`` with the embedded model's tokenizer's special ids."""
+    from transformers import Qwen2_5_VLConfig
 
     from cppo_lightning.policy import load_processor
 
-    processor = load_processor("builtin:tiny-qwen2.5-vl")
-    tokenizer = processor.tokenizer
+    tokenizer = load_processor("builtin:tiny-qwen2.5-vl").tokenizer
     spec = SIZES[size]
     text = spec["text"]
     head_dim = text["hidden_size"] // text["num_attention_heads"]
@@ -106,6 +120,18 @@ def build(size: str, directory: Path) -> None:
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
         tie_word_embeddings=spec["tie_word_embeddings"],
     )
+    return config
+
+
+def build(size: str, directory: Path) -> None:
+    """Save a random Qwen2.5-VL of ``size`` with the embedded model's tokenizer and processor."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from cppo_lightning.policy import load_processor
+
+    processor = load_processor("builtin:tiny-qwen2.5-vl")
+    tokenizer = processor.tokenizer
+    config = _config(size)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
@@ -151,6 +177,63 @@ def child(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> None:
     print("RESULT " + json.dumps({"peak_gib": peak}))
 
 
+def parameter_count(size: str) -> tuple[int, int, int]:
+    """(all parameters, text layers, text hidden size) of the model, built on the meta device."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = _config(size)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    text = SIZES[size]["text"]
+    return (
+        sum(p.numel() for p in model.parameters()),
+        text["num_hidden_layers"],
+        text["hidden_size"],
+    )
+
+
+def estimate(args: argparse.Namespace) -> None:
+    """Memory of one CPPO update micro-batch, term by term, before and after the chunked path."""
+    gib = 2**30
+    params, layers, hidden = parameter_count(args.size)
+    n, length = args.micro_batch_size, args.response_tokens
+    positions = args.prompt_tokens + length
+    # CPPO holds the original forward of all n and the I+ and I- forwards of the responses with
+    # A > 0 (about half) for one backward: 2 views' worth of n.
+    views = 1 + 2 * 0.5
+    if args.lora:
+        state = {"frozen base, bf16 (the reference is the base with adapters off)": 2 * params}
+    else:
+        state = {
+            "weights, fp32 master": 4 * params,
+            "gradients, fp32": 4 * params,
+            "AdamW moments, fp32": 8 * params,
+            "frozen reference, fp32": 4 * params,
+        }
+    # float32 residual stream under autocast over fp32 master weights; bf16 on a bf16 LoRA base
+    activations = views * layers * n * positions * hidden * (2 if args.lora else 4)
+    full = FULL_LOGITS_COPIES_PER_VIEW * views * n * length * VOCAB * 4
+    rows = [(name, value / gib) for name, value in state.items()]
+    rows.append((f"checkpointed layer inputs ({views:g} views x {n} x {positions} positions)",
+                 activations / gib))  # fmt: skip
+    fixed = sum(value for _, value in rows)
+    mode = "LoRA" if args.lora else "full fine-tuning"
+    print(f"Qwen2.5-VL-{args.size}: {params / 1e9:.2f}B parameters; micro-batch {n} x "
+          f"{length} response tokens, prompt {args.prompt_tokens}; "
+          f"{mode}; estimate, one GPU, no sharding")  # fmt: skip
+    print("| term | GiB |")
+    print("|---|---:|")
+    for name, value in rows:
+        print(f"| {name} | {value:.1f} |")
+    copies = FULL_LOGITS_COPIES_PER_VIEW
+    print(
+        f"| log-prob path before: {copies} fp32 copies of [n, L, V] per view | {full / gib:.1f} |"
+    )
+    print(f"| log-prob path now: one LM-head chunk of 2**26 logits | {CHUNKED_HEAD_GIB:.1f} |")
+    print(f"| **total before** | **{fixed + full / gib:.1f}** |")
+    print(f"| **total now** | **{fixed + CHUNKED_HEAD_GIB:.1f}** |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -166,7 +249,16 @@ def main() -> None:
     parser.add_argument(
         "--child", nargs=2, metavar=("MODEL_DIR", "LOG_DIR"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--estimate", action="store_true", help="print the memory estimate; run nothing"
+    )
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=360, help="for --estimate: 256 image + text tokens"
+    )
     args = parser.parse_args()
+    if args.estimate:
+        estimate(args)
+        return
     if args.child:
         child(args, Path(args.child[0]), Path(args.child[1]))
         return
