@@ -82,13 +82,10 @@ def text_hash_reward(completions: list[str], **_: Any) -> list[float]:
     return [zlib.crc32(text.encode()) % 1000 / 1000 for text in completions]
 
 
-def _config(size: str) -> Any:
-    """The Qwen2.5-VL config of ``size`` with the embedded model's tokenizer's special ids."""
+def _config(size: str, tokenizer: Any) -> Any:
+    """The Qwen2.5-VL config of ``size`` with ``tokenizer``'s special ids."""
     from transformers import Qwen2_5_VLConfig
 
-    from cppo_lightning.policy import load_processor
-
-    tokenizer = load_processor("builtin:tiny-qwen2.5-vl").tokenizer
     spec = SIZES[size]
     text = spec["text"]
     head_dim = text["hidden_size"] // text["num_attention_heads"]
@@ -131,7 +128,7 @@ def build(size: str, directory: Path) -> None:
 
     processor = load_processor("builtin:tiny-qwen2.5-vl")
     tokenizer = processor.tokenizer
-    config = _config(size)
+    config = _config(size, tokenizer)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
@@ -181,7 +178,9 @@ def parameter_count(size: str) -> tuple[int, int, int]:
     """(all parameters, text layers, text hidden size) of the model, built on the meta device."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    config = _config(size)
+    from cppo_lightning.policy import load_processor
+
+    config = _config(size, load_processor("builtin:tiny-qwen2.5-vl").tokenizer)
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(config)
     text = SIZES[size]["text"]
