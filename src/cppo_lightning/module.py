@@ -18,6 +18,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from cppo_lightning.checkpoints import (
+    gather_rng_states,
+    restore_rng_states,
+    rng_states,
+    set_rng_states,
+)
 from cppo_lightning.detection import TokenSelector
 from cppo_lightning.logprobs import Scoring
 from cppo_lightning.perception import (
@@ -212,6 +218,7 @@ class CPPOModule(PolicyUpdate):
         self.reference: torch.nn.Module | None = None
         self.processor: Any = None
         self._rollout: RolloutBatch | None = None
+        self._training_rng: dict[str, Any] = {}  # generator states while validation runs
         self.val_accuracy = MeanMetric()
         self.val_reward = MeanMetric()
         self.val_response_length = MeanMetric()
@@ -402,6 +409,15 @@ class CPPOModule(PolicyUpdate):
             self.trainer.should_stop = True
 
     # ------------------------------------------------------------------ validation
+    def on_validation_start(self) -> None:
+        # Held-out sampling draws from its own stream: a validation never moves the training
+        # run's generators, so a run resumed from the checkpoint written at a validation step
+        # takes the steps the uninterrupted run took.
+        self._training_rng = rng_states()
+
+    def on_validation_end(self) -> None:
+        set_rng_states(self._training_rng)
+
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         assert self.policy is not None
         with self._generation_context():
@@ -448,6 +464,8 @@ class CPPOModule(PolicyUpdate):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if k in trainable
         }
+        # Every rank's generators (a collective: Lightning builds the checkpoint on every rank).
+        checkpoint["rng_states"] = gather_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
@@ -457,6 +475,11 @@ class CPPOModule(PolicyUpdate):
                 f"the checkpoint lacks {len(missing)} trainable weights of this model "
                 f"(e.g. {missing[:3]}): it was written with another model or LoRA setting; "
                 "resume with the same model_name_or_path and lora as the run that wrote it."
+            )
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            # Last: building the model above may draw (LoRA's initialisation).
+            restore_rng_states(
+                checkpoint.get("rng_states"), self.global_rank, self.trainer.world_size
             )
 
     def _trainable_keys(self) -> set[str]:

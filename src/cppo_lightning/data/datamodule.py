@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from cppo_lightning.data.loader import ResumableLoader, ShuffledSampler
 from cppo_lightning.data.rows import (
     DropReport,
     empty,
@@ -426,10 +427,37 @@ class VisionLanguageDataModule(pl.LightningDataModule):
             json.dump(report, handle, indent=2)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        assert self.collate is not None, "setup() has not run"
+        # Resumable: a checkpoint holds the pass's order and the batches the trainer took.
+        rows = _IndexedRows(self.splits["train"])
+        return ResumableLoader(
+            rows,
+            batch_size=self.batch_size,
+            sampler=ShuffledSampler(rows),
+            # Full batches only, so mini-batch splits and group statistics are stable.
+            drop_last=True,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            taken=self._batches_taken,
+        )
+
+    def _batches_taken(self) -> int:
+        """Training batches of the current pass whose step has run."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)  # type: ignore[attr-defined]
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", self.val_batch_size, shuffle=False)
+        assert self.val_collate is not None, "setup() has not run"
+        return DataLoader(
+            _IndexedRows(self.splits["validation"]),
+            batch_size=self.val_batch_size,
+            collate_fn=self.val_collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Views are drawn here, on the device the batch now lives on, for training batches only.
@@ -443,16 +471,3 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         ):
             return self.view_maker(batch, trainer.current_epoch)
         return batch
-
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        assert self.collate is not None, "setup() has not run"
-        return DataLoader(
-            _IndexedRows(self.splits[split]),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            # Full batches only in training, so mini-batch splits and group statistics are stable.
-            drop_last=shuffle,
-            collate_fn=self.collate if shuffle else self.val_collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )

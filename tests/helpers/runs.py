@@ -1,0 +1,33 @@
+"""Arguments of the short runs the fault-injection tests (``tests/faults/``) start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = str(REPO / "configs" / "base.yaml")
+
+
+def fit_args(root: Path, *extra: str, steps: int = 2) -> list[str]:
+    """``cppo fit`` on the embedded default, shrunk to seconds: 6 training rows in batches of 2
+    (3 rollout batches per epoch), 4 held-out rows, 16-token responses."""
+    return [
+        "fit",
+        "--config",
+        BASE,
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.max_steps={steps}",
+        "--trainer.val_check_interval=2",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--data.batch_size=2",
+        "--data.dataset.init_args.num_train=6",
+        "--data.dataset.init_args.num_val=4",
+        "--rollout.max_new_tokens=16",
+        "--model.val_samples=2",
+        # A reward with variance in every group, so every step has a gradient to follow.
+        "--model.reward.init_args.functions={length: tests.helpers.rewards.length_reward}",
+        "--model.reward.init_args.weights={length: 1.0}",
+        "--trainer.callbacks.num_rows=4",  # base.yaml's Evaluation callback, on 4 prompts
+        *extra,
+    ]
