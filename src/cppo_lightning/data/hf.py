@@ -63,6 +63,8 @@ class DatasetSpec:
                     f"cannot read {self.path!r}: give a .parquet, .json, .jsonl or .csv file, a "
                     "directory, or a hub dataset name."
                 )
+            if not _has_rows(local):
+                raise ValueError(_no_rows(self.path))
             dataset = datasets.load_dataset(builder, data_files=str(local), split="train")
             root: str | None = self.image_root or str(local.parent)
         else:
@@ -83,6 +85,8 @@ class DatasetSpec:
                 raise
             root = self.image_root or (str(local) if local.is_dir() else None)
         assert isinstance(dataset, datasets.Dataset)
+        if len(dataset) == 0:
+            raise ValueError(_no_rows(self.path, self.split))
         if self.columns:
             absent = [source for source in self.columns.values() if source not in dataset.features]
             if absent:
@@ -95,6 +99,36 @@ class DatasetSpec:
         if self.num_rows is not None:
             dataset = dataset.select(range(min(self.num_rows, len(dataset))))
         return _absolute_image_paths(dataset, root)
+
+
+def _no_rows(path: str, split: str | None = None) -> str:
+    where = f"{path!r}" + (f" (split {split!r})" if split and not Path(path).is_file() else "")
+    return f"{where} has no rows: give a file (or split) that holds the dataset's rows."
+
+
+def _has_rows(path: Path) -> bool:
+    """Whether a local data file holds at least one row, read cheaply (parquet's footer, the
+    first non-blank lines of text files); an empty file makes the readers fail obscurely."""
+    if path.stat().st_size == 0:
+        return False
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows > 0
+        except Exception:  # not a parquet file: let the reader say so
+            return True
+    if suffix in (".jsonl", ".csv"):
+        needed = 2 if suffix == ".csv" else 1  # a csv's first line is its header
+        found = 0
+        with path.open("rb") as handle:
+            for line in handle:
+                found += bool(line.strip())
+                if found >= needed:
+                    return True
+        return False
+    return True
 
 
 def _absolute_image_paths(dataset: datasets.Dataset, root: str | None) -> datasets.Dataset:
