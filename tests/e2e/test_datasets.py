@@ -100,7 +100,8 @@ def test_virl39k_rows_are_checked_and_counted(tmp_path):
     module.setup("fit")
     report = module.reports["train"]
     assert dict(report) == {
-        "unreadable image": 2,
+        "unreadable image": 1,
+        "image file missing": 1,
         "more than 1 image(s) (data.max_images)": 1,
         "prompt longer than 256 tokens (data.max_prompt_length)": 1,
     }
@@ -115,7 +116,7 @@ def test_multi_image_rows_train_where_the_family_allows(tmp_path):
     source = HFDataset(train=train, validation=train)
     module = VisionLanguageDataModule(dataset=source, batch_size=1)
     module.setup("fit")  # Qwen2.5-VL takes several images per prompt: the 2-image row stays
-    assert dict(module.reports["train"]) == {"unreadable image": 2}
+    assert dict(module.reports["train"]) == {"unreadable image": 1, "image file missing": 1}
     batches = [b for b in module.train_dataloader() if b.image_counts.tolist() == [2]]
     assert len(batches) == 1
     assert batches[0].vision["image_grid_thw"].shape[0] == 2
@@ -253,7 +254,8 @@ def test_prepare_data_checks_file_rows_once_for_every_rank(tmp_path, monkeypatch
     other_rank.setup("fit")  # reads the cached check
     assert len(calls) == checked
     assert dict(other_rank.reports["train"]) == {
-        "unreadable image": 2,
+        "unreadable image": 1,
+        "image file missing": 1,
         "more than 1 image(s) (data.max_images)": 1,
         "prompt longer than 256 tokens (data.max_prompt_length)": 1,
     }

@@ -47,7 +47,12 @@ def test_unusable_rows_are_dropped_and_counted(tiny_model_dir):
     )
     module.setup("fit")
     report = module.reports["train"]
-    assert dict(report) == {"no image": 1, "empty answer": 1, "unreadable image": 2}
+    assert dict(report) == {
+        "no image": 1,
+        "empty answer": 1,
+        "unreadable image": 1,
+        "image file missing": 1,
+    }
     assert report.kept == 2 and len(module.splits["train"]) == 2
     assert "kept 2 of 6 rows" in report.summary()
     assert len(list(module.train_dataloader())) == 2  # training goes on with the good rows

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from cppo_lightning.data.loader import ResumableLoader, ShuffledSampler
 from cppo_lightning.data.rows import (
     DropReport,
+    drop_reason,
     empty,
     format_prompt,
     image_tensor,
@@ -394,7 +395,7 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         max_images = self.max_images
         max_length = self.max_prompt_length
 
-        def check(row: dict[str, Any]) -> str | None:
+        def check(row: dict[str, Any]) -> str | tuple[str, str | None] | None:
             if empty(row["question"]):
                 return "empty question"
             if empty(row["answer"]):
@@ -402,7 +403,7 @@ class VisionLanguageDataModule(pl.LightningDataModule):
             try:
                 images = collator.images(row)
             except ValueError as error:
-                return "no image" if str(error) == "no image" else "unreadable image"
+                return drop_reason(error)
             if len(images) > 1 and not family.multi_image:
                 return f"multi-image row ({family.name} takes one image per prompt)"
             if max_images is not None and len(images) > max_images:
@@ -420,7 +421,7 @@ class VisionLanguageDataModule(pl.LightningDataModule):
             return
         os.makedirs(directory, exist_ok=True)
         report = {
-            split: {"rows": r.rows, "kept": r.kept, "dropped": dict(r)}
+            split: {"rows": r.rows, "kept": r.kept, "dropped": dict(r), "examples": r.examples}
             for split, r in self.reports.items()
         }
         with open(os.path.join(directory, "data_report.json"), "w") as handle:

@@ -32,11 +32,27 @@ PAPER_INSTRUCTION = (
 IMAGE_PLACEHOLDER = "<image>"  # how ViRL39K / Geometry3K mark an image's place in the question
 
 
+class ImageError(ValueError):
+    """An image that cannot be used, with the drop ``reason`` it is counted under and the
+    ``file`` it came from (None for embedded bytes or no value)."""
+
+    def __init__(self, message: str, reason: str, file: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.file = file
+
+
+NO_IMAGE = "no image"
+IMAGE_MISSING = "image file missing"
+IMAGE_UNREADABLE = "unreadable image"
+
+
 def open_image(value: Any, image_root: str | None = None) -> Image.Image:
-    """Decode one image value (PIL, ``{"bytes", "path"}`` dict, or path) into RGB.
+    """Decode one image value (PIL, ``{"bytes", "path"}`` dict, or path) into 8-bit RGB.
 
     Raises:
-        ValueError: The value is empty, or the file is missing or not an image.
+        ImageError: The value is empty (reason ``no image``), the file is missing (``image file
+            missing``), or it cannot be read or decoded (``unreadable image``).
     """
     if isinstance(value, Image.Image):
         image = value
@@ -47,9 +63,9 @@ def open_image(value: Any, image_root: str | None = None) -> Image.Image:
         elif isinstance(value, str):
             path = value
         elif value is not None:
-            raise ValueError(f"an image value of type {type(value).__name__}")
+            raise ImageError(f"an image value of type {type(value).__name__}", IMAGE_UNREADABLE)
         if not data and not path:
-            raise ValueError("no image")
+            raise ImageError(NO_IMAGE, NO_IMAGE)
         if not data:
             assert path is not None
             if image_root is not None and not os.path.isabs(path):
@@ -58,13 +74,50 @@ def open_image(value: Any, image_root: str | None = None) -> Image.Image:
                 with open(path, "rb") as handle:
                     data = handle.read()
             except OSError as error:
-                raise ValueError(f"unreadable image file {path!r}: {error}") from error
+                reason = IMAGE_MISSING if isinstance(error, FileNotFoundError) else IMAGE_UNREADABLE
+                raise ImageError(f"unreadable image file {path!r}: {error}", reason, path) from error
         try:
             image = Image.open(io.BytesIO(data))
             image.load()
         except Exception as error:  # PIL raises several types for bad data
-            raise ValueError(f"undecodable image ({type(error).__name__}: {error})") from error
-    return image if image.mode == "RGB" else image.convert("RGB")
+            where = f" {path!r}" if path else ""
+            raise ImageError(
+                f"undecodable image{where} ({type(error).__name__}: {error})",
+                IMAGE_UNREADABLE,
+                path or None,
+            ) from error
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. High-bit-depth greyscale (16-bit PNGs open as mode ``I;16`` or ``I``, float
+    TIFFs as ``F``) is scaled by its range: Pillow's own conversion clips it to 0..255, which
+    turns a 16-bit image almost white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image.convert("RGB")
+    array = np.asarray(image, dtype=np.float64)  # [H, W]
+    peak = float(array.max()) if array.size else 0.0
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    elif image.mode == "F" and peak <= 1.0:
+        top = 1.0  # float images in [0, 1]
+    elif peak <= 255.0:
+        top = 255.0  # 8-bit values held in a wider mode
+    elif peak <= 65535.0:
+        top = 65535.0  # 16-bit values (older Pillow opens 16-bit PNGs as mode I)
+    else:
+        top = peak
+    grey = np.clip(np.round(array * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def drop_reason(error: ValueError) -> tuple[str, str | None]:
+    """The drop reason of an image error, and the file it names (None if none)."""
+    if isinstance(error, ImageError):
+        return error.reason, error.file
+    return (NO_IMAGE if str(error) == NO_IMAGE else IMAGE_UNREADABLE), None
 
 
 def image_values(value: Any) -> list[Any]:
@@ -121,19 +174,39 @@ def format_prompt(processor: Any, question: str, instruction: str = "", num_imag
 
 
 class DropReport(collections.Counter):
-    """Rows dropped from a split, by reason; ``kept`` and ``rows`` count rows."""
+    """Rows dropped from a split, by reason; ``kept`` and ``rows`` count rows, ``examples`` holds
+    up to :attr:`MAX_EXAMPLES` file names per reason (for reasons that come with a file)."""
+
+    MAX_EXAMPLES = 3
 
     def __init__(self, split: str, rows: int = 0) -> None:
         super().__init__()
         self.split = split
         self.rows = rows
+        self.examples: dict[str, list[str]] = {}
+
+    def update(self, other: Any = None, /, **kwargs: int) -> None:  # type: ignore[override]
+        super().update(other, **kwargs)
+        if isinstance(other, DropReport):
+            for reason, files in other.examples.items():
+                for file in files:
+                    self.add_example(reason, file)
+
+    def add_example(self, reason: str, file: str) -> None:
+        files = self.examples.setdefault(reason, [])
+        if len(files) < self.MAX_EXAMPLES and file not in files:
+            files.append(file)
 
     @property
     def kept(self) -> int:
         return self.rows - sum(self.values())
 
     def summary(self) -> str:
-        dropped = ", ".join(f"{count} {reason}" for reason, count in self.most_common())
+        def entry(reason: str, count: int) -> str:
+            files = self.examples.get(reason)
+            return f"{count} {reason}" + (f" (e.g. {', '.join(files)})" if files else "")
+
+        dropped = ", ".join(entry(reason, count) for reason, count in self.most_common())
         return (
             f"{self.split}: kept {self.kept} of {self.rows} rows"
             + (f"; dropped {dropped}" if dropped else "")
@@ -141,17 +214,21 @@ class DropReport(collections.Counter):
         )
 
 
+RowCheck = Callable[[dict[str, Any]], "str | tuple[str, str | None] | None"]
+
+
 def prepare_split(
     dataset: datasets.Dataset,
     split: str,
-    check: Callable[[dict[str, Any]], str | None],
+    check: RowCheck,
     num_proc: int | None = None,
     settings: Any = None,
 ) -> tuple[datasets.Dataset, DropReport]:
     """Drop the rows for which ``check(row)`` names a reason; count the reasons.
 
-    ``check`` returns None to keep a row (it decodes the images and, if asked, counts the
-    prompt's tokens). Runs through ``datasets.map``. For datasets read from files or the hub,
+    ``check`` returns None to keep a row, else the reason, or the reason and the file it
+    concerns (kept as an example in the report). It decodes the images and, if asked, counts
+    the prompt's tokens. Runs through ``datasets.map``. For datasets read from files or the hub,
     the result is cached under a fingerprint of the dataset and ``settings`` (everything
     ``check`` depends on), so a second call with the same ones, e.g. on another rank after
     ``prepare_data``, or on a restart, reads the cache instead of checking again.
@@ -159,9 +236,15 @@ def prepare_split(
     report = DropReport(split, len(dataset))
     fingerprint = None
     if settings is not None:
-        fingerprint = Hasher.hash((dataset._fingerprint, "cppo-row-check-v1", settings))
+        fingerprint = Hasher.hash((dataset._fingerprint, "cppo-row-check-v2", settings))
+
+    def mark(row: dict[str, Any]) -> dict[str, str]:
+        found = check(row)
+        reason, file = found if isinstance(found, tuple) else (found, None)
+        return {"__drop__": reason or "", "__drop_file__": file or ""}
+
     marked = dataset.map(
-        lambda row: {"__drop__": check(row) or ""},
+        mark,
         num_proc=num_proc if num_proc and num_proc > 1 else None,
         desc=f"checking {split} rows",
         new_fingerprint=fingerprint,
@@ -170,6 +253,9 @@ def prepare_split(
     report.update(reason for reason in reasons if reason)
     if not any(reasons):
         return dataset, report
+    for reason, file in zip(reasons, marked["__drop_file__"], strict=True):
+        if reason and file:
+            report.add_example(reason, file)
     keep = [i for i, reason in enumerate(reasons) if not reason]
     return dataset.select(keep), report
 
@@ -181,7 +267,7 @@ def row_images(
     Relative paths were made absolute when the dataset was loaded (``DatasetSpec``)."""
     values = image_values(row[image_column])
     if not values:
-        raise ValueError("no image")
+        raise ImageError(NO_IMAGE, NO_IMAGE)
     return [fit_pixels(open_image(v), min_pixels, max_pixels) for v in values]
 
 

@@ -29,6 +29,7 @@ from cppo_lightning.data.hf import DatasetSpec
 from cppo_lightning.data.rows import (
     PAPER_INSTRUCTION,
     DropReport,
+    drop_reason,
     empty,
     fit_pixels,
     image_values,
@@ -364,11 +365,11 @@ class _RowCheck:
         self.collator = collator
         self.max_prompt_length = max_prompt_length
 
-    def __call__(self, row: dict[str, Any]) -> str | None:
+    def __call__(self, row: dict[str, Any]) -> str | tuple[str, str | None] | None:
         try:
             images = self.collator.images(row)
         except ValueError as error:
-            return "no image" if str(error) == "no image" else "unreadable image"
+            return drop_reason(error)
         if len(images) > 1 and not self.collator.family.multi_image:
             return f"multi-image row ({self.collator.family.name} takes one image per prompt)"
         limit = self.max_prompt_length
