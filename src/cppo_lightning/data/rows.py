@@ -75,7 +75,9 @@ def open_image(value: Any, image_root: str | None = None) -> Image.Image:
                     data = handle.read()
             except OSError as error:
                 reason = IMAGE_MISSING if isinstance(error, FileNotFoundError) else IMAGE_UNREADABLE
-                raise ImageError(f"unreadable image file {path!r}: {error}", reason, path) from error
+                raise ImageError(
+                    f"unreadable image file {path!r}: {error}", reason, path
+                ) from error
         try:
             image = Image.open(io.BytesIO(data))
             image.load()
