@@ -165,7 +165,7 @@ def test_a_cppo_step_from_virl39k_and_geometry3k_files(tmp_path):
     assert cli.model.global_step == 1
     report = json.loads((Path(cli.trainer.log_dir) / "data_report.json").read_text())
     assert report["train"]["kept"] == 8 and report["train"]["rows"] == 12
-    assert report["validation"] == {"rows": 4, "kept": 4, "dropped": {}}
+    assert report["validation"] == {"rows": 4, "kept": 4, "dropped": {}, "examples": {}}
 
 
 def test_multi_image_rows_are_dropped_for_a_single_image_family(tmp_path):
