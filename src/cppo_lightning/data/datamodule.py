@@ -292,12 +292,11 @@ class VisionLanguageDataModule(pl.LightningDataModule):
             return
         processor, family = self._processor()
         loaded = self.source.load()
+        if any(split not in loaded for split in SPLITS):
+            raise ValueError(
+                f"data.dataset returned splits {list(loaded)}; it needs 'train' and 'validation'."
+            )
         for split in SPLITS:
-            if split not in loaded:
-                raise ValueError(
-                    f"data.dataset returned splits {list(loaded)}; "
-                    "it needs 'train' and 'validation'."
-                )
             ds, report = self._check_split(loaded[split], split, processor, family)
             if len(ds) == 0:
                 raise ValueError(
@@ -305,6 +304,8 @@ class VisionLanguageDataModule(pl.LightningDataModule):
                     "check the column mapping, image paths (image_root), data.max_prompt_length "
                     "and data.max_images."
                 )
+            if split == "train" and stage in (None, "fit"):
+                self._check_full_batch(len(ds), report)
             rank_zero_info(f"data {report.summary()}")
             self.splits[split], self.reports[split] = ds, report
         self._write_report()
@@ -426,6 +427,19 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         }
         with open(os.path.join(directory, "data_report.json"), "w") as handle:
             json.dump(report, handle, indent=2)
+
+    def _check_full_batch(self, usable: int, report: DropReport) -> None:
+        """Training takes full batches only (``drop_last``): fewer usable rows than one batch on
+        every rank would train zero steps without a word, so it is refused here."""
+        trainer = self.trainer
+        world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+        if usable < self.batch_size * world:
+            raise ValueError(
+                f"the 'train' split has {usable} usable row(s) ({report.summary()}), fewer than "
+                f"one full batch: data.batch_size {self.batch_size}"
+                + (f" x {world} processes" if world > 1 else "")
+                + ". Lower data.batch_size or give more rows."
+            )
 
     def train_dataloader(self) -> DataLoader:
         assert self.collate is not None, "setup() has not run"
