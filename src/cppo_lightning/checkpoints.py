@@ -4,16 +4,26 @@ A resumed run continues the run it was: next to the weights, optimizer, schedule
 counters (Lightning's), a checkpoint holds every rank's random-number states
 (:func:`gather_rng_states`, restored by :func:`restore_rng_states`) and the train loader's
 position (:mod:`cppo_lightning.data.loader`).
+
+A checkpoint file is whole or absent (:class:`AtomicCheckpointIO`): it is written to a temporary
+file in its own folder, after a free-space check, and renamed into place.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import random
+import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 
@@ -75,3 +85,60 @@ def restore_rng_states(states: list[dict[str, Any]] | None, rank: int, world_siz
         )
         return
     set_rng_states(states[rank])
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file in the checkpoint's own folder, renamed into place.
+
+    Lightning's default writes through an fsspec transaction that stages the file in the system
+    temp folder and copies it: a full disk leaves a truncated file under the checkpoint's name,
+    and a 7B run needs a checkpoint's size free outside its run folder. Here the bytes are
+    serialised first, the destination's free space is checked against their size (a clear error
+    before anything is written), and a failed write removes its temporary file, leaving any
+    earlier checkpoint of that name as it was. Remote paths (``s3://`` ...) keep Lightning's way.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        protocol = get_filesystem(path).protocol
+        local = "file" in ((protocol,) if isinstance(protocol, str) else protocol)
+        if storage_options is not None or not local:
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        size = buffer.getbuffer().nbytes
+        free = shutil.disk_usage(folder).free
+        if free < size:
+            raise OSError(
+                f"not enough free space to write the checkpoint {path!r}: it needs "
+                f"{size / 2**20:.1f} MiB and {folder!r} has {free / 2**20:.1f} MiB free. Free "
+                "space there, or point trainer.default_root_dir (or the ModelCheckpoint dirpath) "
+                "at a larger disk."
+            )
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder
+        )
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(buffer.getbuffer())
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
+
+
+def install_atomic_checkpoints(trainer: Trainer) -> None:
+    """Make the trainer write checkpoint files through :class:`AtomicCheckpointIO`, unless a
+    plugin or strategy chose its own checkpoint IO (DeepSpeed's and sharded FSDP's write
+    folders of their own)."""
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()

@@ -14,6 +14,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cppo_lightning.callbacks import CPLWeight, PerceptionTokens, RolloutCallback
+from cppo_lightning.checkpoints import install_atomic_checkpoints
 from cppo_lightning.data import VisionLanguageDataModule
 from cppo_lightning.module import CPPOModule
 
@@ -43,7 +44,9 @@ class CPPOCLI(LightningCLI):
             self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys
         ]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        return self._instantiate_trainer(trainer_config, [cb for cb in extra if cb is not None])
+        trainer = self._instantiate_trainer(trainer_config, [cb for cb in extra if cb is not None])
+        install_atomic_checkpoints(trainer)  # checkpoint files are whole or absent
+        return trainer
 
 
 def main(args: list[str] | None = None, run: bool = True) -> CPPOCLI:
