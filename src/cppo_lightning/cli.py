@@ -13,7 +13,7 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from cppo_lightning.callbacks import CPLWeight, PerceptionTokens, RolloutCallback
+from cppo_lightning.callbacks import CPLWeight, PerceptionTokens, RolloutCallback, SaveOnStop
 from cppo_lightning.checkpoints import install_atomic_checkpoints
 from cppo_lightning.data import VisionLanguageDataModule
 from cppo_lightning.module import CPPOModule
@@ -44,7 +44,10 @@ class CPPOCLI(LightningCLI):
             self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys
         ]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        trainer = self._instantiate_trainer(trainer_config, [cb for cb in extra if cb is not None])
+        always = [cb for cb in extra if cb is not None] + [
+            SaveOnStop()
+        ]  # save before stopping early
+        trainer = self._instantiate_trainer(trainer_config, always)
         install_atomic_checkpoints(trainer)  # checkpoint files are whole or absent
         return trainer
 

@@ -9,6 +9,8 @@ arguments (one list per column, aligned with ``completions``) and returns one fl
 ``0.9 * accuracy + 0.1 * format``) and keeps every term so that each can be logged. A term that
 raises, or returns NaN/inf, scores 0 on the responses it failed on instead of stopping training;
 the failures are counted in ``last_errors`` / ``total_errors`` and warned about once per term.
+A term that fails on *every* response of ``stop_after`` batches in a row (a broken function, not
+an odd response) raises :class:`RewardFailure`, and the run stops after saving.
 
 Answer grading uses `math-verify <https://github.com/huggingface/Math-Verify>`_: it is maintained
 by Hugging Face, is the verifier of TRL's and open-r1's accuracy rewards, and decides LaTeX/sympy
@@ -221,6 +223,10 @@ def format_reward(completions: Sequence[str], **_: Any) -> list[float]:
     return [float(_FORMAT.match(text.strip()) is not None) for text in completions]
 
 
+class RewardFailure(RuntimeError):
+    """A reward term failed on every response for ``stop_after`` scoring calls in a row."""
+
+
 class WeightedReward:
     """A weighted sum of named reward terms; every term is kept for logging.
 
@@ -234,13 +240,22 @@ class WeightedReward:
         functions: Name -> reward callable ``f(completions, **columns) -> list[float]``. Give a
             dotted import path in YAML, e.g. ``accuracy: cppo_lightning.rewards.accuracy_reward``.
         weights: Name -> weight of that term in the total. Every name of ``functions`` needs one.
+        stop_after: A term that fails on every response of this many scoring calls in a row (one
+            call per rollout batch, and per held-out batch in validation) raises
+            :class:`RewardFailure` with its first error, which stops the run after a checkpoint
+            is saved. None never stops.
     """
 
     def __init__(
         self,
         functions: dict[str, RewardFunction] | None = None,
         weights: dict[str, float] | None = None,
+        stop_after: int | None = 3,
     ) -> None:
+        if stop_after is not None and stop_after < 1:
+            raise ValueError(
+                f"reward.stop_after must be >= 1 (or null never to stop), got {stop_after}."
+            )
         if functions is None:
             functions = {"accuracy": accuracy_reward, "format": format_reward}
         if weights is None:
@@ -265,8 +280,14 @@ class WeightedReward:
         #: The same, summed over every call.
         self.total_errors: dict[str, int] = dict.fromkeys(self.functions, 0)
         self._warned: set[tuple[str, str]] = set()
+        self.stop_after = stop_after
+        #: Term name -> the first failure it had (what raised, or the non-finite value).
+        self.first_errors: dict[str, str] = {}
+        #: Term name -> scoring calls in a row on which it failed on every response.
+        self.failed_calls: dict[str, int] = dict.fromkeys(self.functions, 0)
 
     def _warn_once(self, name: str, kind: str, detail: str) -> None:
+        self.first_errors.setdefault(name, detail)
         if (name, kind) in self._warned:
             return
         self._warned.add((name, kind))
@@ -339,6 +360,15 @@ class WeightedReward:
             terms[name] = torch.tensor(values, dtype=torch.float32)
             self.last_errors[name] = errors
             self.total_errors[name] += errors
+            failed_all = bool(completions) and errors >= len(completions)
+            self.failed_calls[name] = self.failed_calls[name] + 1 if failed_all else 0
+            if self.stop_after is not None and self.failed_calls[name] >= self.stop_after:
+                raise RewardFailure(
+                    f"reward term {name!r} failed on every response of {self.failed_calls[name]} "
+                    f"rollout batches in a row (reward.stop_after={self.stop_after}); its first "
+                    f"error: {self.first_errors.get(name, 'unknown')}. Fix the reward function "
+                    "(or its column mapping) and resume from the saved checkpoint."
+                )
         total = sum(self.weights[name] * value for name, value in terms.items())
         assert isinstance(total, torch.Tensor)
         return total, terms

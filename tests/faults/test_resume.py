@@ -3,32 +3,9 @@ k+1.. as the run that was never interrupted, bit for bit on CPU."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from cppo_lightning.cli import main
-from tests.helpers.runs import fit_args
-from tests.helpers.steps import read_steps
-
-EVERY_STEP = [
-    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-    "--trainer.callbacks.every_n_train_steps=1",
-    "--trainer.callbacks.save_top_k=-1",
-    "--trainer.callbacks.filename={step}",
-]
-
-
-def _run(root: Path, *extra: str) -> dict[int, dict]:
-    record = ["--trainer.callbacks+=tests.helpers.steps.RecordSteps"]
-    main(fit_args(root, *record, f"--trainer.callbacks.directory={root}", *extra, steps=5))
-    return read_steps(root)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, dict]]:
-    root = tmp_path_factory.mktemp("uninterrupted")
-    return root, _run(root, *EVERY_STEP)
+from tests.helpers.runs import EVERY_STEP, run_recorded
 
 
 @pytest.mark.parametrize(
@@ -42,7 +19,7 @@ def test_resumed_run_takes_the_same_steps_bit_for_bit(tmp_path, uninterrupted, s
     held-out validation (which samples) in between."""
     root, full = uninterrupted
     (checkpoint,) = root.rglob(f"step={step}.ckpt")
-    resumed = _run(tmp_path, *EVERY_STEP, f"--ckpt_path={checkpoint}")
+    resumed = run_recorded(tmp_path, *EVERY_STEP, f"--ckpt_path={checkpoint}")
     assert sorted(resumed) == list(range(step + 1, 6))
     for later in resumed:
         assert resumed[later]["metrics"] == full[later]["metrics"], f"step {later}"

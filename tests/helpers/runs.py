@@ -31,3 +31,22 @@ def fit_args(root: Path, *extra: str, steps: int = 2) -> list[str]:
         "--trainer.callbacks.num_rows=4",  # base.yaml's Evaluation callback, on 4 prompts
         *extra,
     ]
+
+
+EVERY_STEP = [
+    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+    "--trainer.callbacks.every_n_train_steps=1",
+    "--trainer.callbacks.save_top_k=-1",
+    "--trainer.callbacks.filename={step}",
+]
+
+
+def run_recorded(root: Path, *extra: str, steps: int = 5) -> dict[int, dict]:
+    """A ``fit_args`` run that records every step (``tests.helpers.steps.RecordSteps``) under
+    ``root``; returns the record by step."""
+    from cppo_lightning.cli import main
+    from tests.helpers.steps import read_steps
+
+    record = ["--trainer.callbacks+=tests.helpers.steps.RecordSteps"]
+    main(fit_args(root, *record, f"--trainer.callbacks.directory={root}", *extra, steps=steps))
+    return read_steps(root)

@@ -1,0 +1,20 @@
+"""A callback that delivers SIGTERM to its own process at a given step, for the fault tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning.pytorch as pl
+
+
+class SigtermAt(pl.Callback):
+    """Sends SIGTERM to this process at the end of training step ``step`` (1-based), as a
+    scheduler would; Lightning's handler sets ``trainer.received_sigterm``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
