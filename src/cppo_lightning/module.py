@@ -26,6 +26,7 @@ from cppo_lightning.checkpoints import (
 )
 from cppo_lightning.detection import TokenSelector
 from cppo_lightning.logprobs import Scoring
+from cppo_lightning.losses.grpo import check_clip_settings
 from cppo_lightning.perception import (
     PerceptionObjective,
 )
@@ -57,22 +58,6 @@ def _root_parameters(module: Any) -> Iterator[None]:
 
     with FullyShardedDataParallel.summon_full_params(module, writeback=False, recurse=False):
         yield
-
-
-def _check_loss_settings(clip_low: float, clip_high: float, kl_coef: float) -> None:
-    """Refuse, at construction, the values the policy loss would refuse at the first update."""
-    if not 0.0 <= clip_low < 1.0:
-        raise ValueError(
-            f"model.clip_low must be in [0, 1) so that the lower clip bound 1 - clip_low stays "
-            f"positive, got {clip_low}: the recipe uses 0.2."
-        )
-    if clip_high < 0.0:
-        raise ValueError(f"model.clip_high must be >= 0, got {clip_high}: the recipe uses 0.2.")
-    if kl_coef < 0.0:
-        raise ValueError(
-            f"model.kl_coef must be >= 0 (0 turns the KL term off), got {kl_coef}: a negative "
-            "weight would reward moving away from the reference."
-        )
 
 
 # Wrapper names FSDP and activation checkpointing insert into parameter names.
@@ -181,9 +166,12 @@ class CPPOModule(PolicyUpdate):
             raise ValueError(
                 f"temperature (rollout.temperature) must be > 0 for sampling, got {temperature}."
             )
-        if dual_clip is not None and dual_clip <= 1:
-            raise ValueError(f"dual_clip must be > 1 (or null to disable), got {dual_clip}.")
-        _check_loss_settings(clip_low, clip_high, kl_coef)
+        check_clip_settings(clip_low, clip_high, dual_clip, prefix="model.")
+        if kl_coef < 0.0:
+            raise ValueError(
+                f"model.kl_coef must be >= 0 (0 turns the KL term off), got {kl_coef}: a negative "
+                "weight would reward moving away from the reference."
+            )
         self.save_hyperparameters(ignore=["reward", "perception_loss", "optimizer", "lr_scheduler"])
         self.model_name_or_path = model_name_or_path
         self.dtype_name = dtype

@@ -232,6 +232,25 @@ def aggregate(
     return masked.sum() / (values.shape[0] * constant)
 
 
+def check_clip_settings(
+    clip_low: float, clip_high: float, dual_clip: float | None, prefix: str = ""
+) -> None:
+    """Refuse clip ranges :func:`policy_loss` cannot use; ``prefix`` names where the settings
+    live in messages (``model.`` when the module checks them at construction)."""
+    if not 0.0 <= clip_low < 1.0:
+        raise ValueError(
+            f"{prefix}clip_low must be in [0, 1) so that the lower bound 1 - clip_low stays "
+            f"positive, got {clip_low!r}."
+        )
+    if clip_high < 0.0:
+        raise ValueError(f"{prefix}clip_high must be >= 0, got {clip_high!r}.")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(
+            f"{prefix}dual_clip must be > 1 (the recipe uses 3.0; a cap at or below 1 would clip "
+            f"unmoved tokens), got {dual_clip!r}; pass dual_clip=None to disable it."
+        )
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -295,18 +314,7 @@ def policy_loss(
             f"advantages must be [N] (one per response) or [N, L] (one per token) with "
             f"[N, L] = {tuple(logp.shape)}, got {tuple(advantages.shape)}."
         )
-    if not 0.0 <= clip_low < 1.0:
-        raise ValueError(
-            f"clip_low must be in [0, 1) so that the lower bound 1 - clip_low stays positive, "
-            f"got {clip_low!r}."
-        )
-    if clip_high < 0.0:
-        raise ValueError(f"clip_high must be >= 0, got {clip_high!r}.")
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(
-            f"dual_clip must be > 1 (the recipe uses 3.0; a cap at or below 1 would clip "
-            f"unmoved tokens), got {dual_clip!r}; pass dual_clip=None to disable it."
-        )
+    check_clip_settings(clip_low, clip_high, dual_clip)
 
     log_ratio = torch.clamp(logp - old_logp, -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)  # [N, L]
     ratio = torch.exp(log_ratio)  # [N, L]
