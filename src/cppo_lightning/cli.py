@@ -10,13 +10,16 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from cppo_lightning.callbacks import CPLWeight, PerceptionTokens, RolloutCallback, SaveOnStop
 from cppo_lightning.checkpoints import install_atomic_checkpoints
 from cppo_lightning.data import VisionLanguageDataModule
 from cppo_lightning.module import CPPOModule
+from cppo_lightning.resume import SPECIAL_PATHS, CheckpointError, compare_settings, read_checkpoint
 
 
 class CPPOCLI(LightningCLI):
@@ -37,6 +40,27 @@ class CPPOCLI(LightningCLI):
         parser.link_arguments("rollout.max_new_tokens", "model.max_new_tokens")
         parser.link_arguments("rollout.generation_batch_size", "model.generation_batch_size")
         parser.link_arguments("model.model_name_or_path", "data.processor_name_or_path")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's version re-applies the checkpoint's hyper-parameters over the user's
+        # settings. Here the user's settings stand: the checkpoint is read (a bad file is refused
+        # by name), settings that cannot change are refused and the others are logged.
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        path = self.config[subcommand].get("ckpt_path")
+        if not path or str(path) in SPECIAL_PATHS:
+            return
+        try:
+            checkpoint = read_checkpoint(str(path), subcommand)
+            given = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False))
+            changes = compare_settings(
+                checkpoint["hyper_parameters"], given[subcommand]["model"], str(path)
+            )
+        except CheckpointError as error:
+            self.parser.error(str(error))
+        for change in changes:
+            rank_zero_info(f"resume: {change}")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # A section set to null (e.g. `cpl_weight: null` under GRPO) adds no callback.

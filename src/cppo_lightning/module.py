@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from cppo_lightning.checkpoints import (
@@ -41,6 +41,7 @@ from cppo_lightning.policy import (
     suppressed_token_ids,
 )
 from cppo_lightning.records import PromptBatch, RolloutBatch, UpdateRecord
+from cppo_lightning.resume import apply_configured_optimizer_settings, configured_optimizer_settings
 from cppo_lightning.rewards import WeightedReward
 from cppo_lightning.rollout import RolloutEngine, Sampling, collect_rollouts
 from cppo_lightning.update import PolicyUpdate, is_fsdp
@@ -215,6 +216,7 @@ class CPPOModule(PolicyUpdate):
         self.generation_batch_size = generation_batch_size
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self._configured_optimizer: list[dict[str, Any]] = []
         # Manual optimisation: one rollout batch makes several optimizer steps.
         self.automatic_optimization = False
         # Checkpoints hold only trainable weights (see on_save_checkpoint).
@@ -271,6 +273,8 @@ class CPPOModule(PolicyUpdate):
             if self.optimizer_factory is not None
             else torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
         )
+        # Before a scheduler moves the rate: on resume these win over the checkpoint's.
+        self._configured_optimizer = configured_optimizer_settings(optimizer)
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
@@ -296,6 +300,16 @@ class CPPOModule(PolicyUpdate):
             )
 
         self._check_perception_setup()
+
+    def on_train_start(self) -> None:
+        # Lightning restored the checkpoint's optimizer settings over the configured ones.
+        if self.trainer.ckpt_path is None or not self.trainer.optimizers:
+            return
+        schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
+        for change in apply_configured_optimizer_settings(
+            self.trainer.optimizers[0], self._configured_optimizer, schedulers
+        ):
+            rank_zero_info(f"resume: {change}")
 
     def _check_perception_setup(self) -> None:
         objective = self.perception_loss
