@@ -27,6 +27,16 @@ class CPPOCLI(LightningCLI):
     CPPO's perception-token and CPL-weight callbacks under ``perception_tokens:`` and
     ``cpl_weight:`` (null for GRPO and PAPO)."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # Lightning's `test` and `predict` need test/predict steps this module does not have:
+        # held-out evaluation is `cppo evaluate` (and `cppo validate`).
+        return {
+            key: value
+            for key, value in LightningCLI.subcommands().items()
+            if key in ("fit", "validate")
+        }
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RolloutCallback, "rollout")
         # Run after the rollout callback (callbacks keep this order), so rollout-time detection
@@ -62,18 +72,60 @@ class CPPOCLI(LightningCLI):
         for change in changes:
             rank_zero_info(f"resume: {change}")
 
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            _check_bounded(self.config["fit"]["trainer"])
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # A section set to null (e.g. `cpl_weight: null` under GRPO) adds no callback.
         extra = [
             self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys
         ]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if trainer_config.get("enable_checkpointing") is False:
+            _leave_out_checkpoints(trainer_config)
         always = [cb for cb in extra if cb is not None] + [
             SaveOnStop()
         ]  # save before stopping early
         trainer = self._instantiate_trainer(trainer_config, always)
         install_atomic_checkpoints(trainer)  # checkpoint files are whole or absent
         return trainer
+
+
+def _check_bounded(trainer: Any) -> None:
+    """Refuse a ``cppo fit`` with no length: Lightning would then train for 1000 epochs (the case
+    of ``cppo fit`` without ``--config``). ``trainer.max_epochs=-1`` asks for an endless run and
+    is kept."""
+    if (
+        trainer.get("max_steps") in (None, -1)
+        and trainer.get("max_epochs") is None
+        and trainer.get("max_time") is None
+    ):
+        raise SystemExit(
+            "cppo fit: the run has no length (none of trainer.max_steps, trainer.max_epochs or "
+            "trainer.max_time is set), so it would train for Lightning's default of 1000 epochs. "
+            "Pass a config that sets one (`cppo fit --config configs/base.yaml`: 300 steps) or "
+            "--trainer.max_steps N (--trainer.max_epochs -1 for a run without end)."
+        )
+
+
+def _leave_out_checkpoints(trainer_config: dict[str, Any]) -> None:
+    """``trainer.enable_checkpointing=false`` with a config that lists a ModelCheckpoint (as
+    configs/base.yaml does) is the user asking for no checkpoints: the callback is left out, and
+    said so, instead of Lightning refusing the combination."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = trainer_config.get("callbacks") or []
+    if not isinstance(callbacks, list):
+        callbacks = [callbacks]
+    kept = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
+    if len(kept) < len(callbacks):
+        rank_zero_info(
+            "trainer.enable_checkpointing=false: leaving out the ModelCheckpoint callback of "
+            "trainer.callbacks; the run writes no checkpoints (a SIGTERM stop saves none "
+            "either)."
+        )
+    trainer_config["callbacks"] = kept
 
 
 def main(args: list[str] | None = None, run: bool = True) -> CPPOCLI:
@@ -95,6 +147,11 @@ def main(args: list[str] | None = None, run: bool = True) -> CPPOCLI:
             "check_val_every_n_epoch": None,
         },
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={
+            "description": "cppo fit trains (and resumes with --ckpt_path), cppo validate scores "
+            "a checkpoint on the held-out split. Also: `cppo export CKPT OUT` writes a Hugging "
+            "Face checkpoint, `cppo evaluate MODEL --eval SET` scores a model on evaluation sets."
+        },
         auto_configure_optimizers=False,
     )
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,14 @@ def _read_checkpoint(checkpoint: str | Path, mmap: bool = False) -> dict[str, An
         )
     # mmap: tensors are read only when touched (settings need none of the weights or the
     # optimizer state).
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    if "hyper_parameters" not in state or "state_dict" not in state:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as error:  # torch raises zip, pickle, EOF and runtime errors here
+        raise ValueError(
+            f"{str(path)!r} does not load as a checkpoint ({type(error).__name__}): it is "
+            "truncated or corrupt, or not a file torch.save wrote."
+        ) from error
+    if not isinstance(state, dict) or "hyper_parameters" not in state or "state_dict" not in state:
         raise ValueError(f"{str(path)!r} is not a checkpoint written by `cppo fit`.")
     return state
 
@@ -64,18 +72,47 @@ def load_fit_checkpoint(checkpoint: str | Path, dtype: str | None = None) -> CPP
     return module
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | None = None) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write the policy of a ``cppo fit`` checkpoint (LoRA merged) and its processor to ``output``.
+
+    The export is written to a temporary folder next to ``output`` and renamed into place, so
+    ``output`` is never left half-written; a folder that is already there is replaced only after
+    the new export is complete.
 
     Args:
         checkpoint: A ``.ckpt`` written by ``cppo fit`` (ModelCheckpoint).
-        output: Folder to write (created).
+        output: Folder to write (created). A non-empty one is refused unless ``overwrite``.
         dtype: Weight dtype of the export; the training dtype when None.
+        overwrite: Replace the contents of a non-empty ``output``.
     """
-    module = load_fit_checkpoint(checkpoint, dtype)
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    module.save_pretrained(str(output))
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"{str(output)!r} is a file: give a folder to export to.")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{str(output)!r} is not empty: give a new folder, or pass --overwrite to replace "
+            "its contents."
+        )
+    module = load_fit_checkpoint(checkpoint, dtype)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        module.save_pretrained(str(staging))
+        if output.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
+            output.rename(old / output.name)
+            staging.rename(output)
+            shutil.rmtree(old)
+        else:
+            staging.rename(output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     return output
 
 
@@ -88,7 +125,13 @@ def main(args: list[str] | None = None) -> Path:
     parser.add_argument("checkpoint", help="the .ckpt written by `cppo fit`")
     parser.add_argument("output", help="folder to write the Hugging Face checkpoint to")
     parser.add_argument("--dtype", choices=_DTYPES, default=None, help="weight dtype to save")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the contents of a non-empty output"
+    )
     parsed = parser.parse_args(args)
-    output = export_checkpoint(parsed.checkpoint, parsed.output, parsed.dtype)
+    try:
+        output = export_checkpoint(parsed.checkpoint, parsed.output, parsed.dtype, parsed.overwrite)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
     print(f"exported to {output}")
     return output

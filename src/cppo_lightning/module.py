@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
@@ -469,11 +470,14 @@ class CPPOModule(PolicyUpdate):
         # Logged at the number of optimizer steps done (0 = before the first update). Lightning
         # drops what is logged during its sanity check, which here is the run over the whole
         # held-out set before training: the baseline a run is judged against.
-        for logger in self.loggers:
+        # Under `cppo validate` Lightning logs them itself and prints them as a table (it shows
+        # only what goes to the logger).
+        validating = self.trainer.state.fn == TrainerFn.VALIDATING
+        for logger in [] if validating else self.loggers:
             logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.global_step)
         if not self.trainer.sanity_checking:
             # Already global (torchmetrics syncs in compute); sync_dist only keeps ranks in step.
-            self.log_dict(metrics, logger=False, sync_dist=True)  # for callbacks and the bar
+            self.log_dict(metrics, logger=validating, sync_dist=True)  # for callbacks and the bar
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

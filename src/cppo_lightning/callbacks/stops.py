@@ -49,6 +49,16 @@ class SaveOnStop(pl.Callback):
     ) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
             return
+        if isinstance(exception, (SIGTERMException, RewardFailure)) and (
+            trainer.checkpoint_callback is None
+        ):
+            rank_zero_info(
+                f"stopped after step {trainer.global_step}; nothing saved: checkpointing is off "
+                "(trainer.enable_checkpointing=false)."
+            )
+            if isinstance(exception, SIGTERMException):
+                exception.code = PREEMPTED_EXIT_CODE
+            return
         if isinstance(exception, SIGTERMException):
             path = self._save(trainer, "preempted")
             rank_zero_info(
