@@ -9,7 +9,7 @@ import torch
 from cppo_lightning.cli import main
 from cppo_lightning.rewards import RewardFailure, WeightedReward
 from tests.helpers.rewards import length_reward, raising_reward
-from tests.helpers.runs import fit_args
+from tests.helpers.runs import fit_args, run_recorded
 
 
 def test_a_reward_that_always_fails_stops_the_run_after_saving(tmp_path, caplog):
@@ -29,6 +29,25 @@ def test_a_reward_that_always_fails_stops_the_run_after_saving(tmp_path, caplog)
     (checkpoint,) = tmp_path.rglob("reward-failure-step=*.ckpt")
     assert "state_dict" in torch.load(checkpoint, weights_only=False)
     assert f"--ckpt_path {checkpoint}" in caplog.text
+
+
+def test_the_reward_failure_checkpoint_resumes_with_a_fixed_reward(tmp_path):
+    """Promise: the checkpoint saved on RewardFailure resumes: the same command with the reward
+    fixed (a reward is not a hyper-parameter the checkpoint pins) continues from the saved step
+    and runs to max_steps."""
+    stopped = tmp_path / "stopped"
+    broken = [
+        "--model.reward.init_args.functions={broken: tests.helpers.rewards.raising_reward}",
+        "--model.reward.init_args.weights={broken: 1.0}",
+        "--model.reward.init_args.stop_after=2",
+    ]
+    with pytest.raises(RewardFailure):
+        main(fit_args(stopped, *broken, steps=3))
+    (checkpoint,) = stopped.rglob("reward-failure-step=*.ckpt")
+    saved_step = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert saved_step < 3
+    resumed = run_recorded(tmp_path / "resumed", f"--ckpt_path={checkpoint}", steps=3)
+    assert sorted(resumed) == list(range(saved_step + 1, 4))
 
 
 def _sometimes(completions: list[str], **_: object) -> list[float]:

@@ -10,12 +10,18 @@ from cppo_lightning.cli import main
 from tests.helpers.runs import fit_args, run_recorded
 
 
+@pytest.mark.parametrize(
+    "signal_callback",
+    ["tests.helpers.signals.SigtermAt", "tests.helpers.signals.SigtermInValidation"],
+    ids=["during-a-step", "during-validation"],
+)
 def test_sigterm_saves_exits_143_and_the_saved_run_resumes_bit_for_bit(
-    tmp_path, uninterrupted, caplog
+    tmp_path, uninterrupted, caplog, signal_callback
 ):
-    """Promise: a SIGTERM during step 2 of 5 ends the run after that step with SystemExit(143),
-    a checkpoint ``preempted-step=2.ckpt`` and a log line with the resume command; resuming from
-    it takes the uninterrupted run's steps 3..5 bit for bit."""
+    """Promise: a SIGTERM during step 2 of 5, or during the held-out validation after it, ends
+    the run (after that step, or after that validation) with SystemExit(143), a checkpoint
+    ``preempted-step=2.ckpt`` and a log line with the resume command; resuming from it takes the
+    uninterrupted run's steps 3..5 bit for bit."""
     stopped = tmp_path / "stopped"
     record = ["--trainer.callbacks+=tests.helpers.steps.RecordSteps"]
     with pytest.raises(SystemExit) as exited, caplog.at_level("INFO"):
@@ -24,7 +30,7 @@ def test_sigterm_saves_exits_143_and_the_saved_run_resumes_bit_for_bit(
                 stopped,
                 *record,
                 f"--trainer.callbacks.directory={stopped}",
-                "--trainer.callbacks+=tests.helpers.signals.SigtermAt",
+                f"--trainer.callbacks+={signal_callback}",
                 "--trainer.callbacks.step=2",
                 steps=5,
             )

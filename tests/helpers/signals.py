@@ -18,3 +18,17 @@ class SigtermAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SigtermInValidation(pl.Callback):
+    """Sends SIGTERM to this process during the held-out validation after training step
+    ``step`` (not the sanity check), at the end of its first batch."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:  # type: ignore[no-untyped-def]
+        if not trainer.sanity_checking and trainer.global_step == self.step and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
