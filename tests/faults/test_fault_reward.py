@@ -78,3 +78,16 @@ def test_stop_after_must_be_positive_or_null():
     with pytest.raises(ValueError, match=r"reward\.stop_after must be >= 1"):
         WeightedReward({"t": length_reward}, {"t": 1.0}, stop_after=0)
     WeightedReward({"t": raising_reward}, {"t": 1.0}, stop_after=None)(["x"] * 3, {})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), None], ids=["nan", "none"])
+def test_a_reward_that_returns_nan_or_none_for_every_response_also_stops(bad):
+    """Promise: returning NaN (or None) for every response counts as failing, like raising: the
+    second such call in a row (stop_after=2) raises RewardFailure naming the term."""
+    reward = WeightedReward(
+        {"t": lambda completions, **_: [bad] * len(completions)}, {"t": 1.0}, stop_after=2
+    )
+    with pytest.warns(RuntimeWarning):
+        reward(["a", "b"], {})
+    with pytest.raises(RewardFailure, match=r"'t' failed on every response.*non-finite score"):
+        reward(["a", "b"], {})
