@@ -7,6 +7,7 @@ documentation. Values that must agree live in one place and are linked (see
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -59,8 +60,8 @@ class CPPOCLI(LightningCLI):
         if not subcommand:
             return
         path = self.config[subcommand].get("ckpt_path")
-        if not path or str(path) in SPECIAL_PATHS:
-            return
+        if not path or str(path) in SPECIAL_PATHS or os.path.isdir(path):
+            return  # Lightning resolves the special names; sharded checkpoints are folders
         try:
             checkpoint = read_checkpoint(str(path), subcommand)
             given = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False))

@@ -131,3 +131,14 @@ def test_a_weights_only_checkpoint_is_refused_for_fit(tmp_path, uninterrupted, c
     torch.save(checkpoint, weights)
     message = _refusal(capsys, *fit_args(tmp_path, f"--ckpt_path={weights}"))
     assert "a weights-only checkpoint" in message
+
+
+def test_a_sharded_checkpoint_folder_is_left_to_lightning(tmp_path):
+    """A --ckpt_path folder (DeepSpeed, sharded FSDP) has no single file to read: the settings
+    check passes it through instead of calling it missing."""
+    from types import SimpleNamespace
+
+    from cppo_lightning.cli import CPPOCLI
+
+    cli = SimpleNamespace(config={"subcommand": "fit", "fit": {"ckpt_path": str(tmp_path)}})
+    CPPOCLI._parse_ckpt_path(cli)  # type: ignore[arg-type]
