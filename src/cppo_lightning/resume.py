@@ -62,7 +62,8 @@ def read_checkpoint(path: str, subcommand: str) -> dict[str, Any]:
             "checkpoints/)."
         )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped: the settings need none of its tensors, so none is read here.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises zip, pickle, EOF and runtime errors here
         raise CheckpointError(
             f"--ckpt_path {path}: the file does not load as a checkpoint "
