@@ -278,7 +278,16 @@ class CPPOModule(PolicyUpdate):
         self._configured_optimizer = configured_optimizer_settings(optimizer)
         if self.lr_scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+        scheduler = self.lr_scheduler_factory(optimizer)
+        period = getattr(scheduler, "T_max", None)  # cosine annealing's half period
+        max_steps = self._trainer.max_steps if self._trainer is not None else -1
+        if isinstance(period, int) and 0 < period < max_steps:
+            rank_zero_warn(
+                f"model.lr_scheduler.init_args.T_max={period} < trainer.max_steps={max_steps}: "
+                "the cosine rate rises again after T_max steps. Set T_max to trainer.max_steps "
+                "for one decay over the run."
+            )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_fit_start(self) -> None:
         if str(self.trainer.precision).startswith("16"):

@@ -135,3 +135,24 @@ def test_checkpoint_keys_match_parameters_behind_wrappers(tiny_model_dir):
     module.on_save_checkpoint(checkpoint)
     assert any(".layers.0." in key for key in checkpoint["state_dict"])
     assert set(checkpoint["state_dict"]) == module._trainable_keys()
+
+
+@pytest.mark.parametrize(("period", "warns"), [(10, True), (20, False)])
+def test_a_cosine_period_shorter_than_the_run_warns(tiny_model_dir, period, warns):
+    """base.yaml's cosine decay has T_max = trainer.max_steps; a T_max below max_steps (the rate
+    would rise again) is warned about, naming both keys."""
+    import warnings
+    from types import SimpleNamespace
+
+    module = _module(
+        tiny_model_dir,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=period
+        ),
+    )
+    module._trainer = SimpleNamespace(max_steps=20)  # type: ignore[assignment]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module.configure_optimizers()
+    named = [w for w in caught if "T_max=10 < trainer.max_steps=20" in str(w.message)]
+    assert bool(named) == warns

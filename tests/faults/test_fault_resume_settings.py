@@ -4,6 +4,7 @@ by name before any model loads."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,9 @@ def test_the_users_settings_win_on_resume_and_the_saved_config_equals_what_ran(
     tmp_path, uninterrupted
 ):
     """Promise: with `--ckpt_path ... --model.kl_coef 0.0 --model.optimizer.init_args.lr 2e-4`
-    the run uses kl_coef 0.0 (module and hyper-parameters) and learning rate 2e-4 (the optimizer
-    after Lightning restored the checkpoint's), and its config.yaml records both. LightningCLI
+    the run uses kl_coef 0.0 (module and hyper-parameters) and base learning rate 2e-4 (the
+    optimizer and its cosine schedule after Lightning restored the checkpoint's), and its
+    config.yaml records both. LightningCLI
     re-applied the checkpoint's kl_coef 0.01, and the restored optimizer state kept lr 1e-4."""
     cli = main(
         fit_args(
@@ -47,7 +49,11 @@ def test_the_users_settings_win_on_resume_and_the_saved_config_equals_what_ran(
     assert cli.trainer.global_step == 3
     assert cli.model.kl_coef == 0.0
     assert cli.model.hparams.kl_coef == 0.0
-    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == 2e-4
+    # base.yaml's cosine schedule continues from the new base rate: at step 3 of T_max=300.
+    (group,) = cli.trainer.optimizers[0].param_groups
+    assert group["initial_lr"] == 2e-4
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.base_lrs == [2e-4]
+    assert group["lr"] == pytest.approx(2e-4 * (1 + math.cos(math.pi * 3 / 300)) / 2, rel=1e-6)
     (saved,) = tmp_path.rglob("config.yaml")
     config = yaml.safe_load(saved.read_text())
     assert config["model"]["kl_coef"] == 0.0
