@@ -105,3 +105,21 @@ def test_checkpointing_off_leaves_out_the_configs_checkpoint_callback(tmp_path):
     assert cli.trainer.global_step == 1
     assert cli.trainer.checkpoint_callback is None
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_with_checkpointing_off_a_sigterm_saves_nothing_and_still_exits_143(tmp_path, caplog):
+    """Promise: with `--trainer.enable_checkpointing false` a SIGTERM writes no checkpoint (the
+    user asked for none), says so, and still exits 143."""
+    with pytest.raises(SystemExit) as exited, caplog.at_level("INFO"):
+        main(
+            fit_args(
+                tmp_path,
+                "--trainer.enable_checkpointing=false",
+                "--trainer.callbacks+=tests.helpers.signals.SigtermAt",
+                "--trainer.callbacks.step=1",
+                steps=3,
+            )
+        )
+    assert exited.value.code == 143
+    assert "nothing saved: checkpointing is off" in caplog.text
+    assert not list(tmp_path.rglob("*.ckpt"))

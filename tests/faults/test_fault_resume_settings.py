@@ -30,21 +30,26 @@ def _refusal(capsys: pytest.CaptureFixture[str], *args: str) -> str:
 
 
 def test_the_users_settings_win_on_resume_and_the_saved_config_equals_what_ran(
-    tmp_path, uninterrupted
+    tmp_path, uninterrupted, caplog
 ):
     """Promise: with `--ckpt_path ... --model.kl_coef 0.0 --model.optimizer.init_args.lr 2e-4`
     the run uses kl_coef 0.0 (module and hyper-parameters) and base learning rate 2e-4 (the
     optimizer and its cosine schedule after Lightning restored the checkpoint's), and its
     config.yaml records both. LightningCLI
     re-applied the checkpoint's kl_coef 0.01, and the restored optimizer state kept lr 1e-4."""
-    cli = main(
-        fit_args(
-            tmp_path,
-            f"--ckpt_path={_checkpoint(uninterrupted)}",
-            "--model.kl_coef=0.0",
-            "--model.optimizer.init_args.lr=2e-4",
-            steps=3,
+    with caplog.at_level("INFO"):
+        cli = main(
+            fit_args(
+                tmp_path,
+                f"--ckpt_path={_checkpoint(uninterrupted)}",
+                "--model.kl_coef=0.0",
+                "--model.optimizer.init_args.lr=2e-4",
+                steps=3,
+            )
         )
+    assert "resume: model.kl_coef = 0.0 (the checkpoint's run had 0.01)" in caplog.text
+    assert (
+        "resume: optimizer lr (group 0) = 0.0002 (the checkpoint's run had 0.0001)" in caplog.text
     )
     assert cli.trainer.global_step == 3
     assert cli.model.kl_coef == 0.0
