@@ -27,6 +27,22 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 
+class UnreadableCheckpoint(ValueError):
+    """A file ``torch.load`` cannot read (truncated, corrupt, not written by ``torch.save``); the
+    message is the loader's error, for callers to put in their own words."""
+
+
+def load_checkpoint_file(path: str | os.PathLike[str], *, weights_only: bool, mmap: bool) -> Any:
+    """``torch.load`` onto the CPU (``mmap``: tensors are read only when touched). Every way the
+    loader fails on a bad file (zip, pickle, EOF and runtime errors) becomes
+    :class:`UnreadableCheckpoint`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    except Exception as error:
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise UnreadableCheckpoint(f"{type(error).__name__}: {first}") from error
+
+
 def rng_states() -> dict[str, Any]:
     """This process's torch (CPU and every CUDA device), numpy and python generator states,
     as tensors and plain values (so a ``weights_only`` load reads them)."""

@@ -17,8 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from cppo_lightning.checkpoints import UnreadableCheckpoint, load_checkpoint_file
 from cppo_lightning.module import CPPOModule
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -34,11 +33,11 @@ def _read_checkpoint(checkpoint: str | Path, mmap: bool = False) -> dict[str, An
     # mmap: tensors are read only when touched (settings need none of the weights or the
     # optimizer state).
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as error:  # torch raises zip, pickle, EOF and runtime errors here
+        state = load_checkpoint_file(path, weights_only=False, mmap=mmap)
+    except UnreadableCheckpoint as error:
         raise ValueError(
-            f"{str(path)!r} does not load as a checkpoint ({type(error).__name__}): it is "
-            "truncated or corrupt, or not a file torch.save wrote."
+            f"{str(path)!r} does not load as a checkpoint ({error}): it is truncated or "
+            "corrupt, or not a file torch.save wrote."
         ) from error
     if not isinstance(state, dict) or "hyper_parameters" not in state or "state_dict" not in state:
         raise ValueError(f"{str(path)!r} is not a checkpoint written by `cppo fit`.")

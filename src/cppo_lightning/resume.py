@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from cppo_lightning.checkpoints import UnreadableCheckpoint, load_checkpoint_file
+
 # Checkpoint paths Lightning resolves itself (``trainer.fit(ckpt_path="last")``).
 SPECIAL_PATHS = ("last", "best", "hpc", "registry")
 
@@ -63,12 +65,11 @@ def read_checkpoint(path: str, subcommand: str) -> dict[str, Any]:
         )
     try:
         # Memory-mapped: the settings need none of its tensors, so none is read here.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # torch raises zip, pickle, EOF and runtime errors here
+        checkpoint = load_checkpoint_file(path, weights_only=True, mmap=True)
+    except UnreadableCheckpoint as error:
         raise CheckpointError(
-            f"--ckpt_path {path}: the file does not load as a checkpoint "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). It "
-            "is truncated or corrupt, or not a file torch.save wrote; resume from another "
+            f"--ckpt_path {path}: the file does not load as a checkpoint ({error}). It is "
+            "truncated or corrupt, or not a file torch.save wrote; resume from another "
             "checkpoint of the run (e.g. the one before it, or last.ckpt)."
         ) from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
