@@ -1,6 +1,7 @@
 """The study: GRPO, PAPO and CPPO on the default run, several seeds, same data and evaluation.
 
     python benchmarks/compare_methods.py --seeds 0 1 2               # train, evaluate, summarise
+    python benchmarks/compare_methods.py --seeds 0 1 2 --jobs 2      # two runs at a time
     python benchmarks/compare_methods.py --seeds 0 1 2 --no-train    # summarise existing runs
 
 Each (method, seed) runs the README's command with the method's overlay (CPPO is
@@ -30,10 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +84,13 @@ def finished(run_dir: Path) -> bool:
         return False
 
 
-def train(method: str, seed: int, run_dir: Path, overrides: list[str]) -> float:
+def thread_env(jobs: int) -> dict[str, str]:
+    """The environment of one of ``jobs`` concurrent runs: the CPU's cores shared out evenly."""
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def train(method: str, seed: int, run_dir: Path, overrides: list[str], jobs: int = 1) -> float:
     command = ["cppo", "fit", "--config", "configs/base.yaml"]
     if method in OVERLAYS:
         command += ["--config", OVERLAYS[method]]
@@ -93,11 +102,12 @@ def train(method: str, seed: int, run_dir: Path, overrides: list[str]) -> float:
     ]
     print("$", " ".join(command), flush=True)
     start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    env = thread_env(jobs) if jobs > 1 else None
+    subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - start
 
 
-def evaluate(model: str, output: Path, eval_set: str) -> dict[str, dict[str, Any]]:
+def evaluate(model: str, output: Path, eval_set: str, jobs: int = 1) -> dict[str, dict[str, Any]]:
     """avg@4 at temperature 1 under each condition (cached in ``output``/results.json)."""
     results = output / "results.json"
     if not results.is_file():
@@ -120,7 +130,8 @@ def evaluate(model: str, output: Path, eval_set: str) -> dict[str, dict[str, Any
             "--no-progress-bar",
         ]
         print("$", " ".join(command), flush=True)
-        subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+        env = thread_env(jobs) if jobs > 1 else None
+        subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL, env=env)
     payload = json.loads(results.read_text())
     return {r["images"]: r for r in payload["results"]}
 
@@ -179,34 +190,60 @@ def main() -> None:
         help="an extra `cppo fit` argument for every run, repeatable, e.g. "
         "--override=--trainer.max_steps=4 (a smoke test of this script; the study uses none)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each with cores/jobs threads (a 0.9M-parameter model uses two "
+        "cores poorly: two single-thread runs finish sooner than two runs one after the other; "
+        "step times are then per-thread figures)",
+    )
     args = parser.parse_args()
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: give 1 or more.")
 
     def run_dir(method: str, seed: int) -> Path:
         return args.out / f"{method}-seed{seed}"
 
     if not args.no_train:
+        todo = []
         for seed in args.seeds:
             for method in args.methods:
                 if finished(run_dir(method, seed)):
                     print(f"{method} seed {seed}: exists, not retrained", flush=True)
-                    continue
-                # An interrupted run's version stays on disk; the rerun writes the next version.
-                seconds = train(method, seed, run_dir(method, seed), args.override)
-                print(f"{method} seed {seed}: {seconds:.0f} s", flush=True)
+                else:
+                    todo.append((method, seed))
+
+        def one(run: tuple[str, int]) -> None:
+            # An interrupted run's version stays on disk; the rerun writes the next version.
+            seconds = train(*run, run_dir(*run), args.override, args.jobs)
+            print(f"{run[0]} seed {run[1]}: {seconds:.0f} s", flush=True)
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(one, run) for run in todo]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:  # a failed run stops the study: the runs not started are not
+                for future in futures:  # started; those under way finish (each its own folder)
+                    future.cancel()
+                raise
 
     runs = [(m, s) for m in args.methods for s in args.seeds if finished(run_dir(m, s))]
     if not runs:
         raise SystemExit(f"no finished runs under {args.out}: train them first.")
     scalars = {run: read_all_scalars(run_dir(*run)) for run in runs}
-    warm = evaluate(WARM_START, args.out / "eval" / "warm-start", args.eval_set)
-    final = {
-        run: evaluate(
-            str(latest_version(run_dir(*run)) / "hf_policy"),
-            args.out / "eval" / f"{run[0]}-seed{run[1]}",
-            args.eval_set,
-        )
-        for run in runs
+    models = {"warm-start": WARM_START} | {
+        f"{m}-seed{s}": str(latest_version(run_dir(m, s)) / "hf_policy") for m, s in runs
     }
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {
+            name: pool.submit(evaluate, model, args.out / "eval" / name, args.eval_set, args.jobs)
+            for name, model in models.items()
+        }
+    scored = {name: future.result() for name, future in futures.items()}
+    warm = scored["warm-start"]
+    final = {run: scored[f"{run[0]}-seed{run[1]}"] for run in runs}
 
     def gaps(results: dict[str, dict[str, Any]]) -> str:
         return " / ".join(f"{100 * results[c]['gap']:+.1f}" for c in CONDITIONS[1:])
