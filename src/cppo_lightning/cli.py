@@ -105,7 +105,7 @@ def _check_bounded(trainer: Any) -> None:
         raise SystemExit(
             "cppo fit: the run has no length (none of trainer.max_steps, trainer.max_epochs or "
             "trainer.max_time is set), so it would train for Lightning's default of 1000 epochs. "
-            "Pass a config that sets one (`cppo fit --config configs/base.yaml`: 300 steps) or "
+            "Pass a config that sets one (`cppo fit --config configs/base.yaml`: 600 steps) or "
             "--trainer.max_steps N (--trainer.max_epochs -1 for a run without end)."
         )
 

@@ -84,6 +84,7 @@ def _one_step(tmp_path: Path, overlay: dict, *extra: str):  # type: ignore[no-un
             "--trainer.callbacks=[]",
             "--rollout.max_new_tokens=8",
             "--model.val_samples=1",
+            "--model.mini_batch_size=null",  # one optimizer step for the overlay's batch
             *extra,
         ]
     )

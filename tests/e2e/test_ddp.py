@@ -39,6 +39,7 @@ def test_cppo_trains_under_ddp_on_two_cpu_processes(tmp_path, extra):
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.enable_progress_bar=false",
         "--data.batch_size=2",
+        "--model.mini_batch_size=null",  # one optimizer step per rollout batch of 2
         "--data.dataset.init_args.num_train=16",
         "--data.dataset.init_args.num_val=4",
         "--rollout.max_new_tokens=16",

@@ -26,6 +26,7 @@ def _fit_args(tmp_path: Path, *extra: str) -> list[str]:
         "--trainer.val_check_interval=2",
         "--trainer.enable_progress_bar=false",
         "--data.batch_size=2",
+        "--model.mini_batch_size=null",  # one optimizer step per rollout batch of 2
         "--data.dataset.init_args.num_train=16",
         "--data.dataset.init_args.num_val=4",
         "--rollout.max_new_tokens=16",

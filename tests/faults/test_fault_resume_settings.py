@@ -54,11 +54,11 @@ def test_the_users_settings_win_on_resume_and_the_saved_config_equals_what_ran(
     assert cli.trainer.global_step == 3
     assert cli.model.kl_coef == 0.0
     assert cli.model.hparams.kl_coef == 0.0
-    # base.yaml's cosine schedule continues from the new base rate: at step 3 of T_max=300.
+    # base.yaml's cosine schedule continues from the new base rate: at step 3 of T_max=600.
     (group,) = cli.trainer.optimizers[0].param_groups
     assert group["initial_lr"] == 2e-4
     assert cli.trainer.lr_scheduler_configs[0].scheduler.base_lrs == [2e-4]
-    assert group["lr"] == pytest.approx(2e-4 * (1 + math.cos(math.pi * 3 / 300)) / 2, rel=1e-6)
+    assert group["lr"] == pytest.approx(2e-4 * (1 + math.cos(math.pi * 3 / 600)) / 2, rel=1e-6)
     (saved,) = tmp_path.rglob("config.yaml")
     config = yaml.safe_load(saved.read_text())
     assert config["model"]["kl_coef"] == 0.0

@@ -24,3 +24,20 @@ def test_resumed_run_takes_the_same_steps_bit_for_bit(tmp_path, uninterrupted, s
     for later in resumed:
         assert resumed[later]["metrics"] == full[later]["metrics"], f"step {later}"
         assert resumed[later]["weights"] == full[later]["weights"], f"step {later}"
+
+
+def test_a_run_of_two_optimizer_steps_per_rollout_batch_resumes_bit_for_bit(tmp_path):
+    """Promise: the default's shape, each rollout batch split into mini-batches (two optimizer
+    steps per batch here, as base.yaml's 8 prompts in mini-batches of 4), resumes from a
+    checkpoint at a rollout batch's end to the same steps as the run that went on."""
+    two = "--model.mini_batch_size=1"  # batches of 2 prompts: steps 2, 4, 6 end batches
+    full = run_recorded(tmp_path / "full", *EVERY_STEP, two, steps=6)
+    assert sorted(full) == [2, 4, 6]
+    (checkpoint,) = (tmp_path / "full").rglob("step=2.ckpt")
+    resumed = run_recorded(
+        tmp_path / "resumed", *EVERY_STEP, two, f"--ckpt_path={checkpoint}", steps=6
+    )
+    assert sorted(resumed) == [4, 6]
+    for later in resumed:
+        assert resumed[later]["metrics"] == full[later]["metrics"], f"step {later}"
+        assert resumed[later]["weights"] == full[later]["weights"], f"step {later}"

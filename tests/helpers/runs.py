@@ -21,6 +21,7 @@ def fit_args(root: Path, *extra: str, steps: int = 2) -> list[str]:
         "--trainer.log_every_n_steps=1",
         "--trainer.enable_progress_bar=false",
         "--data.batch_size=2",
+        "--model.mini_batch_size=null",  # one optimizer step per rollout batch of 2
         "--data.dataset.init_args.num_train=6",
         "--data.dataset.init_args.num_val=4",
         "--rollout.max_new_tokens=16",
