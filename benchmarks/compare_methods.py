@@ -53,6 +53,9 @@ DETECTION = (
     ("precision_rho0.25", "rho 0.25"),
     ("precision_rho0.5", "rho 0.5"),
 )
+# Lightning logs the training step's metrics (perception/*) by rollout batch; the held-out ones
+# (val/*, eval/*) are logged at the optimizer step.
+BATCH_AXIS = "rollout batch"
 # Two-sided 95% Student t quantiles by degrees of freedom (n - 1 seeds).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -345,8 +348,8 @@ def plot(img: Path, methods: list[str], runs: list, scalars: dict) -> None:  # t
     img.mkdir(parents=True, exist_ok=True)
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
 
-    def save(fig, ax, ylabel: str, title: str, name: str) -> None:  # type: ignore[no-untyped-def]
-        ax.set_xlabel("optimizer step")
+    def save(fig, ax, ylabel: str, title: str, name: str, x: str = "optimizer step") -> None:  # type: ignore[no-untyped-def]
+        ax.set_xlabel(x)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
@@ -413,6 +416,7 @@ def plot(img: Path, methods: list[str], runs: list, scalars: dict) -> None:  # t
         "share of tokens in a perception word",
         f"CPPO detection vs baselines (mean of {len(cppo)} seeds, running mean of 10 points)",
         "detection.png",
+        BATCH_AXIS,
     )
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -423,7 +427,8 @@ def plot(img: Path, methods: list[str], runs: list, scalars: dict) -> None:  # t
         ax.plot(*smooth(mean), label=label)
     ax.axhline(math.log(2), color="grey", lw=0.8, ls=":", label="ln 2 (D+ = D-)")
     ax.set_yscale("symlog", linthresh=0.01)
-    save(fig, ax, "nats", f"CPPO contrastive term (mean of {len(cppo)} seeds)", "cpl.png")
+    title = f"CPPO contrastive term (mean of {len(cppo)} seeds)"
+    save(fig, ax, "nats", title, "cpl.png", BATCH_AXIS)
 
 
 if __name__ == "__main__":
