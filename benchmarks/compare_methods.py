@@ -87,8 +87,11 @@ def finished(run_dir: Path) -> bool:
         return False
 
 
-def thread_env(jobs: int) -> dict[str, str]:
-    """The environment of one of ``jobs`` concurrent runs: the CPU's cores shared out evenly."""
+def thread_env(jobs: int) -> dict[str, str] | None:
+    """The environment of one of ``jobs`` concurrent runs: the CPU's cores shared out evenly
+    (None, the inherited environment, for one run at a time)."""
+    if jobs <= 1:
+        return None
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
@@ -105,8 +108,7 @@ def train(method: str, seed: int, run_dir: Path, overrides: list[str], jobs: int
     ]
     print("$", " ".join(command), flush=True)
     start = time.perf_counter()
-    env = thread_env(jobs) if jobs > 1 else None
-    subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL, env=env)
+    subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL, env=thread_env(jobs))
     return time.perf_counter() - start
 
 
@@ -133,7 +135,7 @@ def evaluate(model: str, output: Path, eval_set: str, jobs: int = 1) -> dict[str
             "--no-progress-bar",
         ]
         print("$", " ".join(command), flush=True)
-        env = thread_env(jobs) if jobs > 1 else None
+        env = thread_env(jobs)
         subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL, env=env)
     payload = json.loads(results.read_text())
     return {r["images"]: r for r in payload["results"]}
