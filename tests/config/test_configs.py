@@ -211,3 +211,23 @@ def test_a_perturbation_overlay_or_flag_swaps_the_view():
     assert isinstance(cli.datamodule.preserving_view, OneOf)  # the other view is untouched
     flag = _instantiate("--data.removing_view=cppo_lightning.perturbations.ZoomCrop")
     assert isinstance(flag.datamodule.removing_view, ZoomCrop)
+
+
+def test_the_paper_recipe_keeps_the_spec_preserving_view_that_base_narrows():
+    """base.yaml narrows I+'s colour jitter for its colour task; configs/paper keeps the spec's."""
+    import yaml
+
+    from cppo_lightning.perturbations import information_preserving
+
+    def jitter(path: Path) -> dict:
+        members = yaml.safe_load(path.read_text())["data"]["preserving_view"]["init_args"][
+            "members"
+        ]
+        (found,) = (m["init_args"] for m in members if m["class_path"].endswith(".ColorJitter"))
+        return found
+
+    spec = information_preserving().members[0]
+    paper = jitter(REPO / "configs" / "paper" / "virl39k.yaml")
+    for name in ("brightness", "contrast", "saturation"):
+        assert tuple(paper[name]) == tuple(getattr(spec, name)), name
+    assert tuple(jitter(BASE)["saturation"]) != tuple(spec.saturation)
