@@ -1,8 +1,9 @@
-"""The LightningModule: owns the policy, the frozen reference, their set-up, rollouts,
-validation and checkpoints.
+"""The LightningModule: owns the policy, the frozen reference, their set-up, rollouts and
+checkpoints.
 
 The training step itself (advantages, old/reference log-probs, mini- and micro-batches, the loss
-of a micro-batch) is :class:`~cppo_lightning.update.PolicyUpdate`, which this class extends; the
+of a micro-batch) is :class:`~cppo_lightning.update.PolicyUpdate`, and held-out validation
+(``val/*``) is :class:`~cppo_lightning.validation.HeldOutValidation`; this class extends both. The
 math lives in :mod:`cppo_lightning.losses`.
 """
 
@@ -15,15 +16,11 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torchmetrics import MeanMetric
 
 from cppo_lightning.checkpoints import (
     gather_rng_states,
     restore_rng_states,
-    rng_states,
-    set_rng_states,
 )
 from cppo_lightning.detection import TokenSelector
 from cppo_lightning.logprobs import Scoring
@@ -46,6 +43,7 @@ from cppo_lightning.resume import apply_configured_optimizer_settings, configure
 from cppo_lightning.rewards import WeightedReward
 from cppo_lightning.rollout import RolloutEngine, Sampling, collect_rollouts
 from cppo_lightning.update import PolicyUpdate, is_fsdp
+from cppo_lightning.validation import HeldOutValidation
 
 
 @contextlib.contextmanager
@@ -66,7 +64,7 @@ def _root_parameters(module: Any) -> Iterator[None]:
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
-class CPPOModule(PolicyUpdate):
+class CPPOModule(PolicyUpdate, HeldOutValidation):
     """RL fine-tuning of a vision-language policy with a frozen reference: GRPO, plus CPPO's
     contrastive perception loss or PAPO's implicit perception loss (``perception_loss``).
 
@@ -226,10 +224,7 @@ class CPPOModule(PolicyUpdate):
         self.reference: torch.nn.Module | None = None
         self.processor: Any = None
         self._rollout: RolloutBatch | None = None
-        self._training_rng: dict[str, Any] = {}  # generator states while validation runs
-        self.val_accuracy = MeanMetric()
-        self.val_reward = MeanMetric()
-        self.val_response_length = MeanMetric()
+        self.init_validation_metrics()
 
     # ------------------------------------------------------------------ model set-up
     def configure_model(self) -> None:
@@ -436,57 +431,6 @@ class CPPOModule(PolicyUpdate):
         # always ends with a held-out measurement.
         if self.trainer.max_steps > 0 and self.global_step >= self.trainer.max_steps:
             self.trainer.should_stop = True
-
-    # ------------------------------------------------------------------ validation
-    def on_validation_start(self) -> None:
-        # Held-out sampling draws from its own stream: a validation never moves the training
-        # run's generators, so a run resumed from the checkpoint written at a validation step
-        # takes the steps the uninterrupted run took.
-        self._training_rng = rng_states()
-
-    def on_validation_end(self) -> None:
-        set_rng_states(self._training_rng)
-
-    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        assert self.policy is not None
-        with self._generation_context():
-            rollout = collect_rollouts(
-                self.policy,
-                self.processor,
-                batch,
-                self.reward,
-                Sampling(
-                    self.max_new_tokens,
-                    self.val_temperature,
-                    batch_size=self.generation_batch_size,
-                ),
-                group_size=self.val_samples,
-                suppress_token_ids=self.suppress_token_ids,
-            )
-        self.val_accuracy.update(rollout.reward_terms.get("accuracy", rollout.rewards))
-        self.val_reward.update(rollout.rewards)
-        self.val_response_length.update(rollout.response_mask.sum(1).float())
-
-    def on_validation_epoch_end(self) -> None:
-        named = {
-            "val/accuracy": self.val_accuracy,
-            "val/reward": self.val_reward,
-            "val/response_length": self.val_response_length,
-        }
-        metrics = {name: metric.compute() for name, metric in named.items()}
-        for metric in named.values():
-            metric.reset()
-        # Logged at the number of optimizer steps done (0 = before the first update). Lightning
-        # drops what is logged during its sanity check, which here is the run over the whole
-        # held-out set before training: the baseline a run is judged against.
-        # Under `cppo validate` Lightning logs them itself and prints them as a table (it shows
-        # only what goes to the logger).
-        validating = self.trainer.state.fn == TrainerFn.VALIDATING
-        for logger in [] if validating else self.loggers:
-            logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.global_step)
-        if not self.trainer.sanity_checking:
-            # Already global (torchmetrics syncs in compute); sync_dist only keeps ranks in step.
-            self.log_dict(metrics, logger=validating, sync_dist=True)  # for callbacks and the bar
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
