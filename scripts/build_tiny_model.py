@@ -1,6 +1,6 @@
 """Rebuild the embedded default model ``builtin:tiny-qwen2.5-vl`` deterministically from a seed.
 
-    python scripts/build_tiny_model.py [--seed 0] [--vision-steps 300] [--sft-steps 200]
+    python scripts/build_tiny_model.py [--seed 0] [--vision-steps 300] [--sft-steps 140]
 
 Trains the tokenizer on the synthetic task's text and builds a tiny Qwen2.5-VL; pretrains its
 vision tower on dense per-region targets of the training images, of occluded copies of them and
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vision-steps", type=int, default=300, help="vision pretraining steps")
     parser.add_argument("--vision-lr", type=float, default=3e-3)
-    parser.add_argument("--sft-steps", type=int, default=200, help="supervised warm-start steps")
+    parser.add_argument("--sft-steps", type=int, default=140, help="supervised warm-start steps")
     parser.add_argument("--sft-lr", type=float, default=2e-3)
     parser.add_argument("--region-weight", type=float, default=0.5, help="auxiliary loss weight")
     parser.add_argument("--min-gap", type=float, default=0.25, help="original minus blank/shuffled")
