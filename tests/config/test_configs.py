@@ -231,3 +231,22 @@ def test_the_paper_recipe_keeps_the_spec_preserving_view_that_base_narrows():
     for name in ("brightness", "contrast", "saturation"):
         assert tuple(paper[name]) == tuple(getattr(spec, name)), name
     assert tuple(jitter(BASE)["saturation"]) != tuple(spec.saturation)
+
+
+def test_the_paper_recipe_detects_with_the_spec_score_that_base_replaces():
+    """base.yaml ranks by the raw entropy shift for its tiny model; stacked on it, configs/paper
+    gives back the spec's normalised score and rho 0.5 (init_args merge across stacked files)."""
+    from cppo_lightning.callbacks import PerceptionTokens
+
+    def selector(*args: str):  # type: ignore[no-untyped-def]
+        cli = _instantiate(*args)
+        (found,) = (cb for cb in cli.trainer.callbacks if isinstance(cb, PerceptionTokens))
+        return found.selector
+
+    assert selector().score == "raw"
+    paper = selector(
+        "--config",
+        str(REPO / "configs" / "paper" / "virl39k.yaml"),
+        "--model.model_name_or_path=builtin:tiny-qwen2.5-vl",
+    )
+    assert (paper.score, paper.top_fraction) == ("normalized", 0.5)
