@@ -18,10 +18,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from cppo_lightning.checkpoints import (
-    gather_rng_states,
-    restore_rng_states,
-)
+from cppo_lightning.checkpoints import gather_rng_states, restore_rng_states
 from cppo_lightning.detection import TokenSelector
 from cppo_lightning.logprobs import Scoring
 from cppo_lightning.losses.grpo import check_clip_settings
