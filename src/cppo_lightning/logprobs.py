@@ -2,13 +2,14 @@
 
 Every score of a response token goes through here: the policy's log-probs in the loss, the old
 and reference log-probs, the log-probs under the I+ / I- views, the entropies of detection and
-PAPO's entropy terms. The backbone runs once per (model, view) and returns the final hidden
-states ``[n, L, H]`` (H is the hidden size, e.g. 2,048 for a 3B model, against a vocabulary V of
-151,936). The LM head is then applied to at most ``chunk_tokens`` positions at a time, in float32,
-and only ``[n, L]`` results are kept: the sampled token's ``gather - logsumexp`` and, on request,
-the full-vocabulary entropy. When gradients are needed and there is more than one chunk, each
-chunk is checkpointed (``torch.utils.checkpoint``, non-reentrant): its logits are recomputed in
-the backward instead of being held from the forward, as TRL's chunked LM head and verl's fused
+PAPO's entropy terms, and the CPL's exact full-vocabulary KL between views (``divergence: kl``).
+The backbone runs once per (model, view) and returns the final hidden states ``[n, L, H]`` (H is
+the hidden size, e.g. 2,048 for a 3B model, against a vocabulary V of 151,936). The LM head is
+then applied to at most ``chunk_tokens`` positions at a time, in float32, and only ``[n, L]``
+results are kept: the sampled token's ``gather - logsumexp`` and, on request, the
+full-vocabulary entropy. When gradients are needed and there is more than one chunk, each chunk
+is checkpointed (``torch.utils.checkpoint``, non-reentrant): its logits are recomputed in the
+backward instead of being held from the forward, as TRL's chunked LM head and verl's fused
 linear-for-PPO kernels do.
 
 Data flow::
@@ -16,6 +17,15 @@ Data flow::
     model.model(prompt + response, view) -> hidden [n, P + L, H] -> hidden[:, P-1 : P+L-1]
         -> chunks of c positions: head(h) / T -> [c, V] float32 -> logp [c], entropy [c]
         -> logp [n, L], entropy [n, L]
+
+The exact KL of the CPL (:meth:`ResponseScores.kl_to`) is chunked the same way, over the S
+selected positions of the three views: each chunk of c positions builds the views' ``[c, V]``
+log-softmax, reduces them to ``KL(pi(.|I) || pi(.|I+))`` and ``KL(pi(.|I) || pi(.|I-))`` ``[c]``
+(:func:`cppo_lightning.losses.cpl.full_kl`) and is recomputed in the backward; only ``[S]``
+results are kept::
+
+    hidden[mask] of I, I+, I- [S, H] each -> chunks of c positions -> 3 x [c, V] -> KL [c], [c]
+        -> d_pos [S], d_neg [S]
 
 The sampler's suppressed tokens (vision placeholders, which ``generate`` never emits) are
 masked out of the head's distribution too, so the training log-probs describe exactly the
@@ -32,6 +42,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from cppo_lightning.detection import _chunk_entropy
+from cppo_lightning.losses.cpl import full_kl
 from cppo_lightning.records import PromptBatch
 
 __all__ = [
@@ -43,6 +54,7 @@ __all__ = [
     "lm_head",
     "response_hidden",
     "score_responses",
+    "selected_kl",
 ]
 
 #: Most logits (positions x vocabulary) one chunk materialises when ``chunk_tokens`` is unset:
@@ -146,6 +158,28 @@ def chunk_positions(vocab_size: int, chunk_tokens: int | None = None) -> int:
     return max(1, DEFAULT_LOGIT_BUDGET // max(vocab_size, 1))
 
 
+def _suppressed(scoring: Scoring, device: torch.device) -> Tensor | None:
+    """The suppressed ids as a long tensor on ``device``; None when there are none."""
+    if not scoring.suppressed_ids:
+        return None
+    return torch.tensor(scoring.suppressed_ids, device=device, dtype=torch.long)
+
+
+def _vocab_size(head: torch.nn.Module) -> int:
+    return int(getattr(head, "out_features", None) or head.weight.shape[0])  # type: ignore[index]
+
+
+def _logits(
+    head: torch.nn.Module, hidden: Tensor, temperature: float, suppressed: Tensor | None
+) -> Tensor:
+    """``head(hidden) / T`` in at least float32, suppressed ids at -inf; ``[c, H] -> [c, V]``."""
+    logits = head(hidden)  # [c, V] in the weights' dtype
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # [c, V]
+    if suppressed is not None:
+        logits = logits.index_fill(-1, suppressed, float("-inf"))
+    return logits
+
+
 def _chunk(
     head: torch.nn.Module,
     hidden: Tensor,
@@ -155,11 +189,8 @@ def _chunk(
     entropy: str | None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-prob of ``ids`` and (optionally) entropy at ``c`` positions; ``[c, H] -> [c]``."""
-    logits = head(hidden)  # [c, V] in the weights' dtype
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    logits = logits.to(dtype) / temperature  # [c, V]
-    if suppressed is not None:
-        logits = logits.index_fill(-1, suppressed, float("-inf"))
+    logits = _logits(head, hidden, temperature, suppressed)  # [c, V]
+    dtype = logits.dtype
     picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [c]
     logp = picked - torch.logsumexp(logits, dim=-1)  # [c]
     if entropy is None:
@@ -196,13 +227,8 @@ def head_scores(
     n, length, size = hidden.shape
     flat_hidden = hidden.reshape(n * length, size)  # [n * L, H]
     flat_ids = token_ids.reshape(n * length)  # [n * L]
-    vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # type: ignore[index]
-    step = chunk_positions(int(vocab), scoring.chunk_tokens)
-    suppressed = (
-        torch.tensor(scoring.suppressed_ids, device=hidden.device, dtype=torch.long)
-        if scoring.suppressed_ids
-        else None
-    )
+    step = chunk_positions(_vocab_size(head), scoring.chunk_tokens)
+    suppressed = _suppressed(scoring, hidden.device)
     # Checkpoint only when it saves something: gradients wanted and more than one chunk.
     recompute = torch.is_grad_enabled() and hidden.requires_grad and n * length > step
     logps, entropies = [], []
@@ -229,6 +255,82 @@ def head_scores(
     if entropy is None:
         return logp, None
     return logp, torch.cat(entropies).view(n, length)  # type: ignore[arg-type]
+
+
+def _kl_chunk(
+    head: torch.nn.Module,
+    temperature: float,
+    suppressed: Tensor | None,
+    detach_anchor: bool,
+    anchor: Tensor,
+    *others: Tensor,
+) -> tuple[Tensor, ...]:
+    """``KL(pi(.|anchor) || pi(.|other))`` at ``c`` positions for each other; ``[c, H] -> [c]``."""
+    logp = torch.log_softmax(_logits(head, anchor, temperature, suppressed), dim=-1)  # [c, V]
+    if detach_anchor:
+        logp = logp.detach()
+    return tuple(
+        full_kl(logp, torch.log_softmax(_logits(head, other, temperature, suppressed), dim=-1))
+        for other in others
+    )  # [c] each
+
+
+def selected_kl(
+    head: torch.nn.Module,
+    anchor: Tensor,
+    others: tuple[Tensor, ...],
+    scoring: Scoring,
+    *,
+    detach_anchor: bool = False,
+) -> tuple[Tensor, ...]:
+    """Exact full-vocabulary ``KL(pi(.|anchor) || pi(.|other))`` per position, chunk by chunk.
+
+    The distributions are ``softmax(head(h) / T)`` with the suppressed ids at probability 0, as
+    :meth:`ResponseScores.log_distribution` builds them; the head runs on at most
+    ``chunk_positions(V, scoring.chunk_tokens)`` positions at a time and, when gradients are
+    needed and there is more than one chunk, each chunk is checkpointed, so no ``[S, V]`` tensor
+    exists in the forward or the backward.
+
+    Args:
+        head: The LM head (``[..., H] -> [..., V]``), shared by all views.
+        anchor: ``[S, H]`` hidden states of the anchor view (the original image).
+        others: ``[S, H]`` hidden states of each other view, at the same S positions.
+        scoring: Temperature, suppressed ids and chunk size.
+        detach_anchor: Cut the anchor's distribution from the graph (no gradient reaches
+            ``anchor``, nor the head through it).
+
+    Returns:
+        One ``[S]`` KL per entry of ``others``, in float32 (float64 for float64 weights).
+
+    Raises:
+        ValueError: If the hidden states are not ``[S, H]`` of one shape.
+    """
+    if anchor.dim() != 2 or any(other.shape != anchor.shape for other in others):
+        raise ValueError(
+            "selected_kl needs [S, H] hidden states of one shape, got "
+            f"{[tuple(t.shape) for t in (anchor, *others)]}."
+        )
+    positions = anchor.shape[0]
+    step = chunk_positions(_vocab_size(head), scoring.chunk_tokens)
+    suppressed = _suppressed(scoring, anchor.device)
+    wants_grad = any(t.requires_grad for t in (anchor, *others)) or any(
+        p.requires_grad for p in head.parameters()
+    )
+    # Checkpoint only when it saves something: gradients wanted and more than one chunk.
+    recompute = torch.is_grad_enabled() and wants_grad and positions > step
+    parts: list[tuple[Tensor, ...]] = []
+    for start in range(0, positions, step):
+        chunk = slice(start, start + step)
+        views = tuple(other[chunk] for other in others)  # [c, H] each
+        fixed = (head, scoring.temperature, suppressed, detach_anchor)
+        if recompute:
+            parts.append(checkpoint(_kl_chunk, *fixed, anchor[chunk], *views, use_reentrant=False))
+        else:
+            parts.append(_kl_chunk(*fixed, anchor[chunk], *views))
+    if not parts:  # no positions at all
+        dtype = torch.promote_types(anchor.dtype, torch.float32)
+        return tuple(anchor.new_zeros((0,), dtype=dtype) for _ in others)
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))  # [S] each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,16 +380,49 @@ class ResponseScores:
         )
 
     def log_distribution(self, mask: Tensor) -> Tensor:
-        """``[S, V]`` float32 log-softmax at the S positions of ``mask`` (``[n, L]`` bool):
-        full distributions only where they are needed (the CPL's exact KL)."""
+        """``[S, V]`` float32 log-softmax at the S positions of ``mask`` (``[n, L]`` bool).
+
+        Not chunked: all S rows of ``[S, V]`` exist at once, with their graph. For inspection
+        and tests; a divergence between views is read with :meth:`kl_to`, chunk by chunk.
+        """
         hidden = self.hidden[mask]  # [S, H]
-        logits = self.head(hidden)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        logits = logits / self.scoring.temperature  # [S, V]
-        if self.scoring.suppressed_ids:
-            ids = torch.tensor(self.scoring.suppressed_ids, device=logits.device)
-            logits = logits.index_fill(-1, ids, float("-inf"))
+        logits = _logits(
+            self.head, hidden, self.scoring.temperature, _suppressed(self.scoring, hidden.device)
+        )  # [S, V]
         return torch.log_softmax(logits, dim=-1)  # [S, V]
+
+    def kl_to(
+        self, others: tuple[ResponseScores, ...], mask: Tensor, *, detach_self: bool = False
+    ) -> tuple[Tensor, ...]:
+        """Exact ``KL(pi(.|self) || pi(.|other))`` at the S positions of ``mask``, per other.
+
+        Chunk by chunk through the head (:func:`selected_kl`): at most
+        ``chunk_positions(V, chunk_tokens)`` positions of ``[*, V]`` per view exist at once.
+
+        Args:
+            others: Forwards of the same responses under other views (same head and scoring).
+            mask: ``[n, L]`` bool, the positions to compare.
+            detach_self: Cut this forward's distribution from the graph.
+
+        Returns:
+            One ``[S]`` KL per entry of ``others``, with the hidden states' graph.
+
+        Raises:
+            ValueError: If another forward has a different head or scoring.
+        """
+        for other in others:
+            if other.head is not self.head or other.scoring != self.scoring:
+                raise ValueError(
+                    "kl_to compares forwards of one model under one scoring; got another LM "
+                    "head or Scoring."
+                )
+        return selected_kl(
+            self.head,
+            self.hidden[mask],  # [S, H]
+            tuple(other.hidden[mask] for other in others),  # [S, H] each
+            self.scoring,
+            detach_anchor=detach_self,
+        )
 
 
 def score_responses(

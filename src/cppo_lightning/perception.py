@@ -19,6 +19,7 @@ from torch import Tensor
 from cppo_lightning.detection import TokenSelector
 from cppo_lightning.logprobs import ResponseScores, Scoring, score_responses
 from cppo_lightning.losses import aggregate, contrastive_perception_loss, implicit_perception_loss
+from cppo_lightning.losses.cpl import contrast_divergences
 from cppo_lightning.records import RolloutBatch, pad_columns
 
 
@@ -144,7 +145,10 @@ class ContrastivePerception(PerceptionObjective):
     Args:
         tau: Temperature of the two-candidate InfoNCE, ``softplus((D+ - D-) / tau)``.
         divergence: ``k3`` (default; clamped one-sample KL estimate), ``k1`` (log-ratio; the
-            anchor cancels), or ``kl`` (exact full-vocabulary KL at the selected tokens).
+            anchor cancels), or ``kl`` (exact full-vocabulary KL at the selected tokens,
+            computed chunk by chunk through the LM head like the log-probs: at most
+            ``logprob_chunk_tokens`` positions of each view's ``[*, V]`` distribution exist at
+            once, recomputed in the backward; see :meth:`ResponseScores.kl_to`).
         stop_gradient_anchor: Detach the original-image branch inside the CPL (the policy loss
             still trains it); the recipe lets gradients flow through all three branches.
     """
@@ -217,27 +221,24 @@ class ContrastivePerception(PerceptionObjective):
             empty = {**stats, **_empty_stats()}
             return PerceptionTerm(zero, empty, full_mask, scored_h, scored_h_neg)
         scores_pos = batch.view_scores("preserving", rows)
-        inputs: tuple[Tensor, Tensor, Tensor]
-        if self.divergence == "kl":
-            # Full distributions at the selected tokens only: [1, S, V] each.
-            inputs = (
-                scores.log_distribution(selected)[None],
-                scores_pos.log_distribution(selected)[None],
-                scores_neg.log_distribution(selected)[None],
-            )
-            token_mask = torch.ones_like(inputs[0][..., 0])  # [1, S]
-        else:
-            inputs = (batch.logp[rows], scores_pos.logps(), logp_neg)
-            token_mask = selected.to(batch.logp.dtype)
         # L_CPL is normalised by the selected tokens of the micro-batch; rows without any
         # contribute 0 to both sums, so computing on ``rows`` only gives the same value.
-        cpl, cpl_stats = contrastive_perception_loss(
-            *inputs,
-            token_mask,
-            tau=self.tau,
-            divergence=self.divergence,
-            stop_gradient_anchor=self.stop_gradient_anchor,
-        )
+        if self.divergence == "kl":
+            # D+ and D- [S] straight from the hidden states, chunk by chunk through the head.
+            d_pos, d_neg = scores.kl_to(
+                (scores_pos, scores_neg), selected, detach_self=self.stop_gradient_anchor
+            )
+            cpl, cpl_stats = contrast_divergences(d_pos, d_neg, tau=self.tau)
+        else:
+            cpl, cpl_stats = contrastive_perception_loss(
+                batch.logp[rows],
+                scores_pos.logps(),
+                logp_neg,
+                selected.to(batch.logp.dtype),
+                tau=self.tau,
+                divergence=self.divergence,
+                stop_gradient_anchor=self.stop_gradient_anchor,
+            )
         stats.update(cpl_stats)
         return PerceptionTerm(weight * cpl, stats, full_mask, scored_h, scored_h_neg)
 

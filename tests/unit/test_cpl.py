@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cppo_lightning.losses import contrastive_perception_loss, kl_estimate
+from cppo_lightning.losses.cpl import contrast_divergences
 
 LN2 = math.log(2.0)
 LOG_HALF = math.log(0.5)
@@ -304,3 +305,31 @@ def test_lower_loss_means_better_contrast():
 def test_errors(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         contrastive_perception_loss(*args, **kwargs)
+
+
+def test_contrast_divergences_is_the_shared_tail():
+    # D+ = (0.2, 1.0), D- = (0.5, 0.5), tau = 0.5: softplus(-0.6) = ln(1 + e^-0.6) = 0.437488,
+    # softplus(1.0) = ln(1 + e) = 1.313262; loss = (0.437488 + 1.313262) / 2 = 0.875375.
+    d_pos = torch.tensor([0.2, 1.0], dtype=torch.float64)
+    d_neg = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    loss, stats = contrast_divergences(d_pos, d_neg, tau=0.5)
+    expected = (math.log1p(math.exp(-0.6)) + math.log1p(math.e)) / (2 + 1e-8)
+    close(loss, expected, atol=1e-12)
+    close(stats["d_pos"], 0.6, atol=1e-12)
+    close(stats["d_neg"], 0.5, atol=1e-12)
+    close(stats["selected_tokens"], 2.0)
+    close(stats["contrast_accuracy"], 0.5)
+    # contrastive_perception_loss ends in it: the same value from the sampled-token estimates.
+    full, full_stats = contrastive_perception_loss(LOGP, LOGP_POS, LOGP_NEG, SELECTED)
+    d_pos3 = kl_estimate(LOGP[SELECTED], LOGP_POS[SELECTED])
+    d_neg3 = kl_estimate(LOGP[SELECTED], LOGP_NEG[SELECTED])
+    tail, tail_stats = contrast_divergences(d_pos3, d_neg3, tau=0.1)
+    close(full, tail.item(), atol=0.0)
+    for key, value in full_stats.items():
+        close(tail_stats[key], value.item(), atol=0.0)
+    empty, empty_stats = contrast_divergences(torch.zeros(0), torch.zeros(0))
+    assert empty.item() == 0.0 and empty_stats["contrast_accuracy"].item() == 0.0
+    with pytest.raises(ValueError, match="tau must be a finite number > 0"):
+        contrast_divergences(d_pos, d_neg, tau=0.0)
+    with pytest.raises(ValueError, match=r"must both be \[S\]"):
+        contrast_divergences(d_pos, d_neg[:1])

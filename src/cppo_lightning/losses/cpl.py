@@ -11,6 +11,11 @@ the clamped k3 estimator, its argument is bounded too, so no token can dominate 
     selected = perception_token_mask(H, H_neg, response_mask, advantages=adv)  # bool [N, L]
     cpl, stats = contrastive_perception_loss(logp, logp_pos, logp_neg, selected)
     loss = pg + 0.01 * kl + 0.01 * cpl
+
+The tail shared by every divergence, ``[S]`` divergences -> loss and stats, is
+:func:`contrast_divergences`; the exact-KL path of training computes ``D+`` and ``D-`` chunk by
+chunk through the LM head (:meth:`cppo_lightning.logprobs.ResponseScores.kl_to`, never ``[S, V]``
+for all selected tokens at once) and hands them to it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from torch import Tensor
 
 from cppo_lightning.losses.grpo import kl_estimate
 
-__all__ = ["DIVERGENCES", "contrastive_perception_loss"]
+__all__ = ["DIVERGENCES", "contrast_divergences", "contrastive_perception_loss", "full_kl"]
 
 DIVERGENCES = ("k3", "k1", "kl")
 
@@ -31,7 +36,7 @@ DIVERGENCES = ("k3", "k1", "kl")
 _COUNT_EPS = 1e-8
 
 
-def _full_kl(anchor: Tensor, other: Tensor) -> Tensor:
+def full_kl(anchor: Tensor, other: Tensor) -> Tensor:
     """Exact KL(p || q) over the last dimension from log-probabilities ``anchor``, ``other``.
 
     Entries with ``p = 0`` (e.g. ``anchor = -inf`` on a masked vocabulary entry) contribute 0;
@@ -44,6 +49,59 @@ def _full_kl(anchor: Tensor, other: Tensor) -> Tensor:
     p = anchor.exp()  # [S, V]
     log_ratio = torch.where(p > 0, anchor - other, torch.zeros_like(anchor))  # [S, V]
     return (p * log_ratio).sum(dim=-1)  # [S]
+
+
+def _check_tau(tau: float) -> None:
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau)) or tau <= 0:
+        raise ValueError(f"tau must be a finite number > 0 (the recipe uses 0.1), got {tau!r}.")
+
+
+def contrast_divergences(
+    d_pos: Tensor, d_neg: Tensor, *, tau: float = 0.1
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The CPL from the divergences of the S selected tokens: ``softplus((D+ - D-) / tau)``,
+    summed and divided by ``S + 1e-8``.
+
+    The tail of :func:`contrastive_perception_loss`, shared with the chunked exact-KL path
+    (:meth:`cppo_lightning.logprobs.ResponseScores.kl_to`), which computes ``D+`` and ``D-``
+    without holding full distributions for all S tokens.
+
+    Args:
+        d_pos: ``D+``, the divergence of the I+ view from the anchor at each selected token.
+        d_neg: ``D-``, the same for the I- view.
+        tau: The InfoNCE temperature; > 0 (the recipe uses 0.1).
+
+    Returns:
+        ``(loss, stats)`` as :func:`contrastive_perception_loss` returns them.
+
+    Raises:
+        ValueError: If ``tau`` is not positive and finite, or the shapes are not both ``[S]``.
+
+    Shape:
+        - d_pos, d_neg: ``[S]``.
+        - loss: ``[]``; every stats value: ``[]``.
+    """
+    _check_tau(tau)
+    if d_pos.dim() != 1 or d_pos.shape != d_neg.shape:
+        raise ValueError(
+            f"d_pos and d_neg must both be [S] (one divergence per selected token), got "
+            f"{tuple(d_pos.shape)} and {tuple(d_neg.shape)}."
+        )
+    per_token = F.softplus((d_pos - d_neg) / tau)  # [S]
+    count = per_token.new_tensor(float(per_token.numel()))
+    # An empty selection sums an empty tensor: exactly 0, still attached to the graph.
+    loss = per_token.sum() / (count + _COUNT_EPS)
+
+    with torch.no_grad():
+        denom = count.clamp(min=1.0)
+        stats = {
+            "cpl": loss.detach(),
+            "d_pos": d_pos.detach().sum() / denom,
+            "d_neg": d_neg.detach().sum() / denom,
+            "selected_tokens": count.detach(),
+            "contrast_accuracy": (d_pos < d_neg).to(per_token.dtype).sum() / denom,
+        }
+    return loss, stats
 
 
 def contrastive_perception_loss(
@@ -75,7 +133,10 @@ def contrastive_perception_loss(
     - ``"kl"``: the exact full-vocabulary KL(pi(.|I) || pi(.|view)) at each selected token; the
       three inputs are then the log-softmax of the (temperature-scaled) logits, ``[N, L, V]``.
       Only the selected positions are gathered, so the temporaries are ``[S, V]`` with S the
-      number of selected tokens.
+      number of selected tokens. Training does not build these inputs: it computes the same
+      ``[S]`` divergences chunk by chunk from the hidden states
+      (:meth:`cppo_lightning.logprobs.ResponseScores.kl_to`) and calls
+      :func:`contrast_divergences`.
 
     Gradients flow through all three branches (only the mask is gradient-free), unless
     ``stop_gradient_anchor`` detaches the anchor. Only the selected positions enter the
@@ -108,8 +169,7 @@ def contrastive_perception_loss(
         - ``"kl"``: logp, logp_pos, logp_neg ``[N, L, V]``; mask ``[N, L]``.
         - loss: ``[]`` (scalar); every stats value: ``[]``.
     """
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau)) or tau <= 0:
-        raise ValueError(f"tau must be a finite number > 0 (the recipe uses 0.1), got {tau!r}.")
+    _check_tau(tau)
     if divergence not in DIVERGENCES:
         raise ValueError(
             f"divergence must be one of {DIVERGENCES} ('k3' = clamped one-sample estimate, the "
@@ -145,25 +205,10 @@ def contrastive_perception_loss(
     neg_s = logp_neg[selected]  # [S] ([S, V] for "kl")
 
     if divergence == "kl":
-        d_pos = _full_kl(anchor_s, pos_s)  # [S]
-        d_neg = _full_kl(anchor_s, neg_s)  # [S]
+        d_pos = full_kl(anchor_s, pos_s)  # [S]
+        d_neg = full_kl(anchor_s, neg_s)  # [S]
     else:
         # kl_estimate(logp, ref_logp) uses d = ref_logp - logp, so other goes second.
         d_pos = kl_estimate(anchor_s, pos_s, kind=divergence)  # [S]
         d_neg = kl_estimate(anchor_s, neg_s, kind=divergence)  # [S]
-
-    per_token = F.softplus((d_pos - d_neg) / tau)  # [S]
-    count = selected.sum().to(per_token.dtype)
-    # An empty selection sums an empty tensor: exactly 0, still attached to the graph.
-    loss = per_token.sum() / (count + _COUNT_EPS)
-
-    with torch.no_grad():
-        denom = count.clamp(min=1.0)
-        stats = {
-            "cpl": loss.detach(),
-            "d_pos": d_pos.detach().sum() / denom,
-            "d_neg": d_neg.detach().sum() / denom,
-            "selected_tokens": count.detach(),
-            "contrast_accuracy": (d_pos < d_neg).to(per_token.dtype).sum() / denom,
-        }
-    return loss, stats
+    return contrast_divergences(d_pos, d_neg, tau=tau)
