@@ -16,7 +16,13 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from cppo_lightning.callbacks import CPLWeight, PerceptionTokens, RolloutCallback, SaveOnStop
+from cppo_lightning.callbacks import (
+    CPLWeight,
+    PerceptionTokens,
+    RolloutCallback,
+    RunProgressBar,
+    SaveOnStop,
+)
 from cppo_lightning.checkpoints import install_atomic_checkpoints
 from cppo_lightning.data import VisionLanguageDataModule
 from cppo_lightning.module import CPPOModule
@@ -88,6 +94,8 @@ class CPPOCLI(LightningCLI):
         always = [cb for cb in extra if cb is not None] + [
             SaveOnStop()
         ]  # save before stopping early
+        if _wants_default_progress_bar(trainer_config):
+            always.append(RunProgressBar())
         trainer = self._instantiate_trainer(trainer_config, always)
         install_atomic_checkpoints(trainer)  # checkpoint files are whole or absent
         return trainer
@@ -108,6 +116,19 @@ def _check_bounded(trainer: Any) -> None:
             "Pass a config that sets one (`cppo fit --config configs/base.yaml`: 600 steps) or "
             "--trainer.max_steps N (--trainer.max_epochs -1 for a run without end)."
         )
+
+
+def _wants_default_progress_bar(trainer_config: dict[str, Any]) -> bool:
+    """The bar counts optimizer steps (:class:`RunProgressBar`) unless the config turns the bar
+    off or lists a progress bar of its own."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    if trainer_config.get("enable_progress_bar") is False:
+        return False
+    callbacks = trainer_config.get("callbacks") or []
+    if not isinstance(callbacks, list):
+        callbacks = [callbacks]
+    return not any(isinstance(cb, ProgressBar) for cb in callbacks)
 
 
 def _leave_out_checkpoints(trainer_config: dict[str, Any]) -> None:

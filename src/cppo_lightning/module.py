@@ -281,7 +281,26 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
             )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
-    def on_fit_start(self) -> None:
+    def setup(self, stage: str) -> None:
+        # Before any model is loaded: settings that cannot work together fail here, not after
+        # minutes of loading a large checkpoint or after the first rollout.
+        if stage == "fit":
+            self._check_fit_settings()
+
+    def _data_batch_size(self) -> int | None:
+        batch_size = getattr(getattr(self._trainer, "datamodule", None), "batch_size", None)
+        return batch_size if isinstance(batch_size, int) else None
+
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps one rollout batch makes: ``data.batch_size / model.mini_batch_size``,
+        1 without mini-batches (or outside a trainer)."""
+        batch_size = self._data_batch_size()
+        if not self.mini_batch_size or batch_size is None:
+            return 1
+        return -(-batch_size // self.mini_batch_size)
+
+    def _check_fit_settings(self) -> None:
         if str(self.trainer.precision).startswith("16"):
             # Gradients are clipped and their norm logged before the optimizer step, where fp16's
             # loss scaling has not been undone yet.
@@ -289,18 +308,26 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
                 f"trainer.precision={self.trainer.precision} is not supported: "
                 "use bf16-mixed (GPUs) or 32-true."
             )
-        # Fail before the first rollout, not after it, when the batch sizes cannot split.
-        batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
-        if (
-            self.mini_batch_size
-            and isinstance(batch_size, int)
-            and batch_size % self.mini_batch_size
-        ):
+        batch_size = self._data_batch_size()
+        if self.mini_batch_size and batch_size is not None and batch_size % self.mini_batch_size:
             raise ValueError(
                 f"data.batch_size={batch_size} is not a multiple of model.mini_batch_size="
                 f"{self.mini_batch_size}: make data.batch_size a multiple of it."
             )
+        steps, max_steps = self.optimizer_steps_per_batch, self.trainer.max_steps
+        if max_steps > 0 and max_steps % steps:
+            # Each rollout batch makes all its optimizer steps: the run would end past max_steps,
+            # where a schedule sized to max_steps (the cosine of configs/base.yaml) rises again.
+            lower = max_steps - max_steps % steps
+            nearest = " or ".join(str(v) for v in (lower, lower + steps) if v > 0)
+            raise ValueError(
+                f"trainer.max_steps={max_steps} is not a multiple of the {steps} optimizer steps "
+                f"each rollout batch makes (data.batch_size={batch_size} / "
+                f"model.mini_batch_size={self.mini_batch_size}): set trainer.max_steps to "
+                f"{nearest}."
+            )
 
+    def on_fit_start(self) -> None:
         self._check_perception_setup()
 
     def on_train_start(self) -> None:

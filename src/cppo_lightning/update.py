@@ -379,6 +379,10 @@ class PolicyUpdate(LightningModule):
         count = 0
         terms: list[tuple[torch.Tensor, PerceptionTerm]] = []
         for mini in self._mini_batches(rollout):
+            if self._reached_max_steps():
+                # Only after a batch that lost rows (fewer mini-batches): the run's steps are a
+                # multiple of the batch's otherwise (checked at fit start).
+                break
             optimizer.zero_grad()
             micros = self.accumulate_gradients(rollout, mini, sums, terms)
             count += micros
@@ -387,7 +391,10 @@ class PolicyUpdate(LightningModule):
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()  # type: ignore[union-attr]
-        metrics = {key: value / count for key, value in sums.items()}
+        metrics = {key: value / max(count, 1) for key, value in sums.items()}
+        # Lightning's x-axis for these: optimizer steps, as val/* and eval/* are logged, so the
+        # curves of one run line up (its default would count rollout batches).
+        metrics["step"] = float(self.global_step)
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
         metrics["train/update_seconds"] = time.perf_counter() - start
         metrics.update(rollout_metrics(rollout))
@@ -405,6 +412,9 @@ class PolicyUpdate(LightningModule):
                 for f in _RECORDED
             ),
         )
+
+    def _reached_max_steps(self) -> bool:
+        return self._trainer is not None and 0 < self.trainer.max_steps <= self.global_step
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         """Under DDP, gradients are all-reduced once per optimizer step, in the last

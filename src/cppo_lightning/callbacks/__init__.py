@@ -5,6 +5,7 @@ from cppo_lightning.callbacks.export import ExportPolicy
 from cppo_lightning.callbacks.monitor import PerceptionMonitor
 from cppo_lightning.callbacks.perception import CPLWeight, PerceptionTokens
 from cppo_lightning.callbacks.rollout import RolloutCallback
+from cppo_lightning.callbacks.steps import RunProgressBar, StepCheckpoint
 from cppo_lightning.callbacks.stops import SaveOnStop
 
 __all__ = [
@@ -14,5 +15,7 @@ __all__ = [
     "PerceptionMonitor",
     "PerceptionTokens",
     "RolloutCallback",
+    "RunProgressBar",
     "SaveOnStop",
+    "StepCheckpoint",
 ]
