@@ -222,11 +222,24 @@ def token_logps(
 class LoraSettings:
     """LoRA adapters through peft; the frozen reference is then the base model with adapters off.
 
+    Adapters go on the language model only, unless ``adapt_vision`` asks for the vision side
+    too: ``target_modules`` are matched by name, and some vision towers use the language model's
+    names (Idefics3/SmolVLM's SigLIP and LLaVA's CLIP call their attention projections
+    ``q_proj``/``k_proj``/``v_proj``; Qwen2.5-VL's vision MLP has ``gate_proj``/``up_proj``/
+    ``down_proj``; Qwen2-VL's and Qwen3-VL's vision blocks use a fused ``qkv``, ``proj`` and
+    ``fc1``/``fc2`` or ``linear_fc1``/``linear_fc2``).
+
     Args:
         r: Rank of the adapters.
         alpha: Scaling numerator (the update is scaled by alpha / r).
         dropout: Dropout on the adapter input.
-        target_modules: Module names to adapt (q_proj/v_proj reach the language model only).
+        target_modules: Module names to adapt (a name matches a module whose attribute path
+            ends with it, as in peft).
+        adapt_vision: Also adapt the modules of the vision tower and the projector whose names
+            match ``target_modules``. False (the default) keeps every adapter in the language
+            model: the vision tower and projector then keep their pretrained weights.
+            ``model.freeze_vision_tower`` / ``model.freeze_projector`` keep adapters out of
+            those parts either way.
     """
 
     r: int = 16
@@ -237,17 +250,22 @@ class LoraSettings:
     )
     exclude_modules: list[str] | None = None
     """Module-name patterns (regular expressions) that get no adapter."""
+    adapt_vision: bool = False
 
 
 def apply_lora(
     model: PreTrainedModel, settings: LoraSettings, exclude: Sequence[str] = ()
 ) -> torch.nn.Module:
     """Wrap ``model`` with peft LoRA adapters; modules under the ``exclude`` attribute paths
-    (e.g. a frozen vision tower) get none. The base weights are frozen by peft."""
+    (e.g. a frozen vision tower) get none, and neither do the family's vision tower and
+    projector unless ``settings.adapt_vision``. The base weights are frozen by peft."""
     from peft import LoraConfig, get_peft_model
 
+    if not settings.adapt_vision:
+        family = family_for(getattr(model.config, "model_type", None))
+        exclude = (*exclude, *family.vision_tower, *family.projector)
     patterns = list(settings.exclude_modules or []) + [
-        re.escape(path) + r"(\..*)?" for path in exclude
+        re.escape(path) + r"(\..*)?" for path in dict.fromkeys(exclude)
     ]
     config = LoraConfig(
         r=settings.r,

@@ -33,7 +33,7 @@ SPECIAL_PATHS = ("last", "best", "hpc", "registry")
 # Settings that decide which weights (and optimizer state) a checkpoint holds: resuming with
 # another value is refused. LoRA's alpha and dropout only scale and regularise the same weights.
 FIXED_SETTINGS = ("model_name_or_path", "dtype", "freeze_vision_tower", "freeze_projector")
-FIXED_LORA_SETTINGS = ("r", "target_modules", "exclude_modules")
+FIXED_LORA_SETTINGS = ("r", "target_modules", "exclude_modules", "adapt_vision")
 
 
 class CheckpointError(ValueError):

@@ -56,11 +56,12 @@ def test_a_cppo_step_trains_the_language_model(family, family_dirs, tmp_path):
 
 
 def test_lora_with_a_frozen_vision_tower_puts_no_adapter_in_it(family_dirs, tmp_path):
-    # LLaVA's CLIP tower has q_proj/k_proj/v_proj too: the default targets would reach it.
+    # LLaVA's CLIP tower has q_proj/k_proj/v_proj too: even with model.lora.adapt_vision (which
+    # would reach them), a frozen tower gets no adapter.
     cli = _one_step(
         tmp_path,
         family_dirs["llava"],
-        "--model.lora={r: 4, alpha: 8}",
+        "--model.lora={r: 4, alpha: 8, adapt_vision: true}",
         "--model.freeze_vision_tower=true",
     )
     module = cli.model

@@ -53,3 +53,8 @@ def test_lora_alpha_may_change_but_its_rank_may_not():
     assert sorted(c.key for c in allowed) == ["model.kl_coef", "model.lora.alpha"]
     with pytest.raises(CheckpointError, match=r"model\.lora\.r: the checkpoint's run had 8, "):
         compare_settings(stored, {"lora": {"r": 4, "alpha": 16, "target_modules": ["q_proj"]}}, "c")
+    # Whether the vision side gets adapters decides which weights exist too.
+    with pytest.raises(CheckpointError, match=r"model\.lora\.adapt_vision: the checkpoint's run"):
+        compare_settings(
+            {"lora": {"r": 8, "adapt_vision": False}}, {"lora": {"r": 8, "adapt_vision": True}}, "c"
+        )
