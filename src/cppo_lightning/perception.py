@@ -254,18 +254,58 @@ class ImplicitPerception(PerceptionObjective):
     rollouts, plus the double-entropy penalty on both branches.
 
     The masked image is the DataModule's ``removing_view`` (PAPO's patch masking in
-    ``configs/experiments/papo.yaml``). As in the PAPO authors' verl code, the KL is the clamped
-    k3 estimate with the original image as anchor, and the entropies are "sampled" ones, the
-    mean negative log-prob of the sampled tokens, aggregated like the policy loss.
+    ``configs/experiments/papo.yaml``).
+
+    What the PAPO authors' code does, read in ``MikeWangWZHL/PAPO`` (commit fb63bf4, their verl
+    fork), and what this class does the same or differently:
+
+    - **No gradient through the masked branch** (``detach_masked: true``, the default). In
+      ``verl/workers/actor/dp_actor.py`` the module constant ``RECOMPUTE_AUG_LOG_PROBS = False``
+      makes ``DataParallelPPOActor.update_policy`` read the masked log-probs (``aug_log_probs``)
+      from the batch instead of recomputing them; they were computed once per rollout batch by
+      ``compute_log_probs_aug`` (``verl/workers/fsdp_workers.py``), which calls the
+      ``@torch.no_grad()`` ``compute_log_prob``, right after the old log-probs in
+      ``RayPPOTrainer.fit`` (``verl/trainer/ray_trainer.py``). Their README ("Additional
+      Implementation Notes on Entropy Losses") says so too. Here the masked forward runs under
+      ``torch.no_grad()`` in every micro-batch, so neither the backbone nor the LM head gets a
+      gradient from it. ``detach_masked: false`` is their ``RECOMPUTE_AUG_LOG_PROBS = True``:
+      the masked log-probs are recomputed with their graph, so the KL also pushes the masked
+      branch away and the masked entropy term has a gradient.
+    - **Difference:** PAPO's masked log-probs come from the policy as it was at rollout time
+      (stale after the first optimizer step of a rollout batch); here they come from the
+      current policy at each micro-batch. The two agree on the first optimizer step of each
+      rollout batch only (``configs/base.yaml`` takes two optimizer steps per rollout batch).
+    - **KL estimator:** ``compute_kl(log_probs, ref_log_probs=aug_log_probs,
+      kl_penalty="low_var_kl")`` in ``verl/trainer/core_algos.py``: with
+      ``d = clamp(logp_masked - logp, -20, 20)``, ``clamp(exp(d) - d - 1, -10, 10)``, the
+      original image as anchor; averaged with ``average_loss(..., loss_avg_mode)`` and
+      subtracted times ``kl_prcp_coef``. The same here (``kl_estimator: k3``, aggregated like
+      the policy loss). Their optional second clamp to ``[0, kl_prcp_clipping]``
+      (``use_kl_prcp_clipping``, off by default) and top-p token mask
+      (``use_kl_prcp_token_level_mask``, off) are not implemented.
+    - **Double entropy:** ``entropy_loss = -masked_mean(log_probs, response_mask)`` and the same
+      of ``aug_log_probs`` (``update_policy``), added with ``ori_entropy_loss_coef`` and
+      ``aug_entropy_loss_coef``: "sampled" entropies, the mean negative log-prob of the sampled
+      tokens. **Difference:** PAPO always takes the token mean of the micro-batch; here they
+      are aggregated like the policy loss (``model.loss_agg``), the same under the default
+      ``token-mean``.
+    - **Coefficients:** ``gamma`` 0.02 is ``KL_PRCP_COEF`` of
+      ``examples/papo_grpo/qwen2_5_vl_{3b,7b}_grpo_papo.sh`` (0.01 in their DAPO and no-KL-ref
+      scripts); the entropy weights 0.03 are those of their DAPO and no-KL-ref scripts and
+      ``examples/configs/config_grpo_papo.yaml`` (their 7B GRPO script uses 0.05, their 3B GRPO
+      script leaves the entropy terms off).
 
     Args:
         gamma: Weight of the implicit perception loss ``-KL`` (PAPO: 0.01-0.02).
         entropy_coef: Weight of the entropy under the original image (PAPO-D: 0.03).
-        masked_entropy_coef: Weight of the entropy under the masked image (PAPO-D: 0.03).
-        entropy: ``sampled`` (-log-prob of the sampled token, PAPO's default) or ``full``
+        masked_entropy_coef: Weight of the entropy under the masked image (PAPO-D: 0.03). With
+            ``detach_masked`` (the default, as PAPO) this term has no gradient: it only shifts
+            the loss value.
+        entropy: ``sampled`` (-log-prob of the sampled token, PAPO's) or ``full``
             (full-vocabulary entropy, differentiated chunk by chunk like the log-probs).
-        detach_masked: Stop gradients through the masked branch (then only the original-image
-            branch is pushed away, and the masked entropy term has no gradient).
+        detach_masked: Compute the masked branch without gradient (default, PAPO's
+            ``RECOMPUTE_AUG_LOG_PROBS = False``): only the original-image branch is pushed away
+            from it. False lets gradients flow through the masked forward too.
         kl_estimator: Estimator of the KL: ``k3`` (clamped, as PAPO), ``k1`` or ``k2``.
     """
 
@@ -277,7 +317,7 @@ class ImplicitPerception(PerceptionObjective):
         entropy_coef: float = 0.03,
         masked_entropy_coef: float = 0.03,
         entropy: Literal["sampled", "full"] = "sampled",
-        detach_masked: bool = False,
+        detach_masked: bool = True,
         kl_estimator: Literal["k1", "k2", "k3"] = "k3",
     ) -> None:
         if min(gamma, entropy_coef, masked_entropy_coef) < 0:
@@ -288,6 +328,10 @@ class ImplicitPerception(PerceptionObjective):
         if entropy not in ("sampled", "full"):
             raise ValueError(
                 f"model.perception_loss.entropy must be sampled or full, got {entropy!r}."
+            )
+        if kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(
+                f"model.perception_loss.kl_estimator must be k1, k2 or k3, got {kl_estimator!r}."
             )
         self.gamma = gamma
         self.entropy_coef = entropy_coef
@@ -307,10 +351,12 @@ class ImplicitPerception(PerceptionObjective):
         self, batch: MicroBatch, selector: TokenSelector | None, weight: float | None
     ) -> PerceptionTerm:
         rows = torch.arange(batch.logp.shape[0], device=batch.logp.device)
-        scores_masked = batch.view_scores("removing", rows)
-        if self.detach_masked:
-            scores_masked = dataclasses.replace(scores_masked, hidden=scores_masked.hidden.detach())
-        logp_masked = scores_masked.logps()  # [n, L]
+        # Detaching the hidden states alone would still let the masked log-probs reach the LM
+        # head's weights: the whole masked branch (backbone and head) runs without a graph.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_masked):
+            scores_masked = batch.view_scores("removing", rows)
+            logp_masked = scores_masked.logps()  # [n, L]
+            masked_entropy = self._entropy(scores_masked, logp_masked, batch)
         ipl, stats = implicit_perception_loss(
             batch.logp,
             logp_masked,
@@ -320,7 +366,6 @@ class ImplicitPerception(PerceptionObjective):
             kind=self.kl_estimator,
         )
         entropy = self._entropy(batch.scores, batch.logp, batch)
-        masked_entropy = self._entropy(scores_masked, logp_masked, batch)
         loss = (
             self.gamma * ipl
             + self.entropy_coef * entropy

@@ -95,3 +95,93 @@ def test_errors():
         implicit_perception_loss(
             torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), agg="seq-sum-constant"
         )
+
+
+# --- ImplicitPerception: which branches the default trains ------------------------------------
+
+
+def _papo_micro_batch():  # type: ignore[no-untyped-def]
+    """A float64 micro-batch of 3 responses whose two forwards are plain leaf hidden states
+    scored by one trainable LM head: ``hidden`` under the original image, ``masked`` under the
+    masked one. Gradients on ``masked`` (or the head's share from it) are the masked branch's."""
+    from cppo_lightning.logprobs import ResponseScores, Scoring
+    from cppo_lightning.perception import MicroBatch
+
+    gen = torch.Generator().manual_seed(0)
+    n, length, hidden_size, vocab = 3, 4, 5, 7
+    head = torch.nn.Linear(hidden_size, vocab, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64))
+    hidden = torch.randn(n, length, hidden_size, generator=gen, dtype=torch.float64)
+    masked = torch.randn(n, length, hidden_size, generator=gen, dtype=torch.float64)
+    hidden.requires_grad_()
+    masked.requires_grad_()
+    ids = torch.randint(0, vocab, (n, length), generator=gen)
+    response_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    scores = ResponseScores(hidden, head, ids, Scoring())
+
+    def view_scores(view: str, rows: torch.Tensor) -> ResponseScores:
+        assert view == "removing"
+        return ResponseScores(masked[rows], head, ids[rows], Scoring())
+
+    batch = MicroBatch(
+        scores=scores,
+        logp=scores.logps(),
+        response_ids=ids,
+        response_mask=response_mask,
+        advantages=torch.zeros(n, dtype=torch.float64),
+        view_scores=view_scores,
+    )
+    return batch, head, hidden, masked
+
+
+def _papo_expected(batch, head, hidden, masked, *, masked_grad: bool):  # type: ignore[no-untyped-def]
+    """gamma * (-KL_k3) + 0.03 * H + 0.03 * H_mask with the default weights, built from the
+    loss functions (checked by hand above), the masked log-probs constant unless masked_grad."""
+    from cppo_lightning.logprobs import ResponseScores, Scoring
+
+    logp = ResponseScores(hidden, head, batch.response_ids, Scoring()).logps()
+    with torch.set_grad_enabled(masked_grad):
+        logp_masked = ResponseScores(masked, head, batch.response_ids, Scoring()).logps()
+    mask = batch.response_mask
+    ipl, _ = implicit_perception_loss(logp, logp_masked, mask)
+    entropy = ((-logp) * mask).sum() / mask.sum()
+    masked_entropy = ((-logp_masked) * mask).sum() / mask.sum()
+    return 0.02 * ipl + 0.03 * entropy + 0.03 * masked_entropy
+
+
+def test_papo_default_stops_gradients_through_the_masked_branch():
+    # PAPO's code (MikeWangWZHL/PAPO, verl/workers/actor/dp_actor.py, RECOMPUTE_AUG_LOG_PROBS =
+    # False) reads the masked log-probs computed under no_grad at rollout time: the KL pushes
+    # only the original-image branch, and the masked entropy term has no gradient. The default
+    # must do the same: no gradient reaches the masked hidden states, and the LM head's gradient
+    # is the original branch's alone (detaching the hidden states only would leak into it).
+    from cppo_lightning.perception import ImplicitPerception
+
+    batch, head, hidden, masked = _papo_micro_batch()
+    term = ImplicitPerception()(batch, None, None)
+    grad_hidden, grad_masked, grad_head = torch.autograd.grad(
+        term.loss, (hidden, masked, head.weight), allow_unused=True
+    )
+    assert grad_masked is None, "the masked branch got a gradient"
+    expected = _papo_expected(batch, head, hidden, masked, masked_grad=False)
+    close(term.loss, expected.detach(), atol=1e-12)
+    want = torch.autograd.grad(expected, (hidden, head.weight))
+    for g, w in zip((grad_hidden, grad_head), want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0.0)
+
+
+def test_papo_without_detach_trains_the_masked_branch_too():
+    # detach_masked: false is PAPO's RECOMPUTE_AUG_LOG_PROBS = True: the masked forward keeps
+    # its graph, so the masked hidden states get the KL's and the masked entropy's gradient.
+    from cppo_lightning.perception import ImplicitPerception
+
+    batch, head, hidden, masked = _papo_micro_batch()
+    term = ImplicitPerception(detach_masked=False)(batch, None, None)
+    got = torch.autograd.grad(term.loss, (hidden, masked, head.weight))
+    assert got[1].abs().sum() > 0
+    expected = _papo_expected(batch, head, hidden, masked, masked_grad=True)
+    close(term.loss, expected.detach(), atol=1e-12)
+    want = torch.autograd.grad(expected, (hidden, masked, head.weight))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0.0)
