@@ -53,9 +53,9 @@ DETECTION = (
     ("precision_rho0.25", "rho 0.25"),
     ("precision_rho0.5", "rho 0.5"),
 )
-# Lightning logs the training step's metrics (perception/*) by rollout batch; the held-out ones
-# (val/*, eval/*) are logged at the optimizer step.
-BATCH_AXIS = "rollout batch"
+# Every metric is logged at the optimizer step (train/*, rollout/*, perception/* after each
+# rollout batch; val/*, eval/* at each evaluation). Runs from before 2026-12-07 logged the
+# training metrics by rollout batch: the plots in docs/img made from those say so on their axis.
 # Two-sided 95% Student t quantiles by degrees of freedom (n - 1 seeds).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -418,7 +418,6 @@ def plot(img: Path, methods: list[str], runs: list, scalars: dict) -> None:  # t
         "share of tokens in a perception word",
         f"CPPO detection vs baselines (mean of {len(cppo)} seeds, running mean of 10 points)",
         "detection.png",
-        BATCH_AXIS,
     )
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -430,7 +429,7 @@ def plot(img: Path, methods: list[str], runs: list, scalars: dict) -> None:  # t
     ax.axhline(math.log(2), color="grey", lw=0.8, ls=":", label="ln 2 (D+ = D-)")
     ax.set_yscale("symlog", linthresh=0.01)
     title = f"CPPO contrastive term (mean of {len(cppo)} seeds)"
-    save(fig, ax, "nats", title, "cpl.png", BATCH_AXIS)
+    save(fig, ax, "nats", title, "cpl.png")
 
 
 if __name__ == "__main__":
