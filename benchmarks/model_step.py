@@ -156,6 +156,7 @@ def child(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> None:
             f"--model.micro_batch_size={args.micro_batch_size}",
             "--model.reward.init_args.functions={hash: benchmarks.model_step.text_hash_reward}",
             "--model.reward.init_args.weights={hash: 1.0}",
+            "--model.val_accuracy_term=null",
             f"--rollout.group_size={args.group_size}",
             f"--rollout.max_new_tokens={args.response_tokens}",
             f"--data.batch_size={args.prompts}",

@@ -38,7 +38,7 @@ from cppo_lightning.policy import (
 from cppo_lightning.records import PromptBatch, RolloutBatch, UpdateRecord
 from cppo_lightning.resume import apply_configured_optimizer_settings, configured_optimizer_settings
 from cppo_lightning.rewards import WeightedReward
-from cppo_lightning.rollout import RolloutEngine, Sampling, collect_rollouts
+from cppo_lightning.rollout import HFGenerate, RolloutEngine, Sampling, collect_rollouts
 from cppo_lightning.update import PolicyUpdate, is_fsdp
 from cppo_lightning.validation import HeldOutValidation
 
@@ -111,6 +111,10 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
             The default 1.0 with ``val_samples`` responses per prompt is the paper's avg@k
             protocol (avg@16 at temperature 1.0).
         val_samples: Responses sampled per held-out prompt; accuracy is their mean (avg@k).
+        val_accuracy_term: The reward term whose mean is logged as ``val/accuracy`` (a name in
+            ``reward``'s functions); null logs no ``val/accuracy`` (``val/reward`` and
+            ``val/response_length`` still are). A name the reward does not have is refused
+            when fit or validate starts.
         generation_batch_size: Most responses per ``generate`` call in validation. Linked from
             ``rollout.generation_batch_size``.
         optimizer: Optimizer factory; AdamW(lr=1e-6, weight_decay=0.0) when None.
@@ -145,6 +149,7 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
         max_new_tokens: int = 64,
         val_temperature: float = 1.0,
         val_samples: int = 4,
+        val_accuracy_term: str | None = "accuracy",
         generation_batch_size: int | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -209,6 +214,7 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
                 f"val_samples={val_samples}, val_temperature={val_temperature}."
             )
         self.val_samples = val_samples
+        self.val_accuracy_term = val_accuracy_term
         self.generation_batch_size = generation_batch_size
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -221,6 +227,9 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
         self.reference: torch.nn.Module | None = None
         self.processor: Any = None
         self._rollout: RolloutBatch | None = None
+        # What samples every response; the rollout callback hands over its own in setup.
+        self._rollout_engine: RolloutEngine = HFGenerate()
+        self._engine_step = 0  # global_step when the engine last had the policy's weights
         self.init_validation_metrics()
 
     # ------------------------------------------------------------------ model set-up
@@ -329,6 +338,7 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
 
     def on_fit_start(self) -> None:
         self._check_perception_setup()
+        self.check_val_accuracy_term()
 
     def on_train_start(self) -> None:
         # Lightning restored the checkpoint's optimizer settings over the configured ones.
@@ -396,8 +406,8 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
     def collect_rollout(
         self, prompts: PromptBatch, sampling: Sampling, engine: RolloutEngine | None = None
     ) -> RolloutBatch:
-        """Sample G responses per prompt with the current policy (through ``engine``, HF
-        ``generate`` when None) and score them."""
+        """Sample G responses per prompt with the current policy (through ``engine``,
+        :attr:`rollout_engine` when None) and score them."""
         assert self.policy is not None
         with self.generation_mode():
             return collect_rollouts(
@@ -408,8 +418,29 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
                 sampling,
                 group_size=self.group_size,
                 suppress_token_ids=self.suppress_token_ids,
-                engine=engine,
+                engine=engine if engine is not None else self.rollout_engine,
             )
+
+    def set_rollout_engine(self, engine: RolloutEngine) -> None:
+        """Sample every response with ``engine``: training rollouts, validation and the
+        ``Evaluation`` callback (the rollout callback hands over its engine in ``setup``)."""
+        self._rollout_engine = engine
+        self._engine_step = self.global_step
+
+    @property
+    def rollout_engine(self) -> RolloutEngine:
+        """What samples this module's responses: :class:`HFGenerate` until
+        :meth:`set_rollout_engine` gives another."""
+        return self._rollout_engine
+
+    def sync_rollout_engine(self) -> None:
+        """Tell the engine of the policy's weights (``on_policy_update``) if optimizer steps were
+        taken since it last was: after each training batch, or earlier when the ``Evaluation``
+        callback samples first."""
+        assert self.policy is not None
+        if self.global_step != self._engine_step:
+            self._engine_step = self.global_step
+            self._rollout_engine.on_policy_update(self.policy)
 
     @contextlib.contextmanager
     def generation_mode(self) -> Iterator[None]:

@@ -328,8 +328,11 @@ class RolloutEngine(abc.ABC):
     """What turns prompts into sampled responses; chosen under ``rollout.engine`` by
     ``class_path`` (:class:`HFGenerate` when unset).
 
-    An engine that keeps its own copy of the weights (a vLLM server, say) refreshes it in
-    :meth:`on_policy_update`, which the rollout callback calls after every training step.
+    Every response goes through it: training rollouts, held-out validation, the ``Evaluation``
+    callback and ``cppo evaluate`` (``--engine``). An engine that keeps its own copy of the
+    weights (a vLLM server, say) refreshes it in :meth:`on_policy_update`: during fit after
+    every training batch's optimizer steps (before the ``Evaluation`` callback samples), in
+    ``cppo evaluate`` once, when the policy under evaluation is loaded.
     """
 
     @abc.abstractmethod
@@ -375,6 +378,19 @@ class HFGenerate(RolloutEngine):
         )
 
 
+def check_samples(
+    engine: RolloutEngine, samples: Samples, prompts: PromptBatch, num_samples: int
+) -> None:
+    """Refuse what ``engine.sample`` returned unless it is ``[B * num_samples, L]`` ids and mask."""
+    ids, mask = samples.response_ids, samples.response_mask
+    if ids.shape != mask.shape or ids.shape[0] != prompts.num_prompts * num_samples:
+        raise ValueError(
+            f"{type(engine).__name__}.sample returned response_ids {tuple(ids.shape)} "
+            f"and response_mask {tuple(mask.shape)} for {prompts.num_prompts} prompts "
+            f"x {num_samples} samples: it must return [B * G, L] for both."
+        )
+
+
 def collect_rollouts(
     policy: torch.nn.Module,
     processor: ProcessorMixin,
@@ -390,7 +406,7 @@ def collect_rollouts(
     score them into a :class:`RolloutBatch`."""
     start = time.perf_counter()
     engine = engine if engine is not None else HFGenerate()
-    response_ids, response_mask, sampler_logp = engine.sample(
+    samples = engine.sample(
         policy,
         processor,
         prompts,
@@ -398,14 +414,8 @@ def collect_rollouts(
         num_samples=group_size,
         suppress_token_ids=suppress_token_ids,
     )
-    if response_ids.shape != response_mask.shape or response_ids.shape[0] != (
-        prompts.num_prompts * group_size
-    ):
-        raise ValueError(
-            f"{type(engine).__name__}.sample returned response_ids {tuple(response_ids.shape)} "
-            f"and response_mask {tuple(response_mask.shape)} for {prompts.num_prompts} prompts "
-            f"x {group_size} samples: it must return [B * G, L] for both."
-        )
+    check_samples(engine, samples, prompts, group_size)
+    response_ids, response_mask, sampler_logp = samples
     texts = decode_responses(processor, response_ids, response_mask)
     rewards, terms = scorer(texts, repeat_columns(prompts.columns, group_size))
     device = response_ids.device

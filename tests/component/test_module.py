@@ -156,3 +156,21 @@ def test_a_cosine_period_shorter_than_the_run_warns(tiny_model_dir, period, warn
         module.configure_optimizers()
     named = [w for w in caught if "T_max=10 < trainer.max_steps=20" in str(w.message)]
     assert bool(named) == warns
+
+
+def test_val_accuracy_term_must_be_a_term_of_the_reward(caplog):
+    reward = WeightedReward({"length": length_reward}, {"length": 1.0})
+    with pytest.raises(ValueError) as error:
+        CPPOModule(reward=reward).check_val_accuracy_term()  # the default term, `accuracy`
+    assert str(error.value) == (
+        "model.val_accuracy_term='accuracy' is not a term of model.reward (its terms: length): "
+        "set model.val_accuracy_term to one of them, or to null to log no val/accuracy."
+    )
+    with caplog.at_level("INFO"):
+        CPPOModule(reward=reward, val_accuracy_term="length").check_val_accuracy_term()
+        CPPOModule(reward=reward, val_accuracy_term=None).check_val_accuracy_term()
+    messages = [r.getMessage() for r in caplog.records if "val/accuracy" in r.getMessage()]
+    assert messages == [
+        "validation: val/accuracy is the mean of reward term 'length' (model.val_accuracy_term)",
+        "validation: no val/accuracy is logged (model.val_accuracy_term is null)",
+    ]

@@ -227,6 +227,7 @@ def test_a_cppo_step_on_prompts_with_one_and_two_images(family, tmp_path):
         "--model.micro_batch_size=5",  # micro-batches cut across prompts with 1 and 2 images
         "--model.reward.init_args.functions={length: tests.helpers.rewards.length_reward}",
         "--model.reward.init_args.weights={length: 1.0}",
+        "--model.val_accuracy_term=length",
     )
     record = cli.model.last_update
     assert record is not None and record.perception_mask is not None

@@ -177,3 +177,42 @@ def test_other_settings_never_overwrite_an_evaluation(tmp_path, capsys):
                      "--samples", "2")  # fmt: skip
     assert "holds an evaluation with other settings" in message and "samples: 1 -> 2" in message
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_the_engine_option_samples_through_that_engine(tmp_path, capsys):
+    """``--engine`` (with ``--engine-args``) samples every unit through that engine, records it
+    in run.json and results.json, and refuses to mix its responses with another engine's."""
+    model = "builtin:tiny-qwen2.5-vl"
+    eval_file = small_synthetic(tmp_path, rows=4)
+    args = ("--samples", "2", "--batch-size", "2", "--images", "original", "blank")
+    default = _run(model, eval_file, tmp_path / "default", *args)
+    log = tmp_path / "samples.jsonl"
+    engine = ("--engine", "tests.helpers.engines.RecordingEngine")
+    engine += ("--engine-args", f"{{tag: eval, log: {log}}}")
+    recorded = _run(model, eval_file, tmp_path / "recorded", *args, *engine)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls == [{"num_samples": 2, "prompts": 2}] * 4  # 2 batches x 2 conditions
+    # RecordingEngine samples with HF generate, as the default engine does: the same responses.
+    assert recorded["results"] == default["results"]
+    responses = [(tmp_path / d / "responses.jsonl").read_text() for d in ("default", "recorded")]
+    assert responses[0] == responses[1]
+    assert default["engine"] == {"class_path": "cppo_lightning.rollout.HFGenerate", "init_args": {}}
+    settings = {
+        "class_path": "tests.helpers.engines.RecordingEngine",
+        "init_args": {"tag": "eval", "log": str(log)},
+    }
+    assert recorded["engine"] == settings
+    assert json.loads((tmp_path / "recorded" / "run.json").read_text())["engine"] == settings
+    # Another engine's responses never join these.
+    into_default = ("--output", str(tmp_path / "default"))
+    message = _fails(capsys, model, "--eval", eval_file, *into_default, *args, *engine)
+    assert "holds an evaluation with other settings" in message and "engine: {" in message
+    # A run.json from before --engine existed sampled with HF generate: it continues as that.
+    run_file = tmp_path / "default" / "run.json"
+    legacy = json.loads(run_file.read_text())
+    del legacy["engine"]
+    run_file.write_text(json.dumps(legacy))
+    assert _run(model, eval_file, tmp_path / "default", *args) == default
+    message = _fails(capsys, model, "--eval", eval_file, "--output", str(tmp_path / "bad"),
+                     "--engine", "cppo_lightning.rollout.Sampling")  # fmt: skip
+    assert "is not a subclass of cppo_lightning.rollout.RolloutEngine" in message

@@ -33,6 +33,7 @@ def _fit_args(tmp_path: Path, *extra: str) -> list[str]:
         # A reward with variance in every group, so every step has a gradient to follow.
         "--model.reward.init_args.functions={length: tests.helpers.rewards.length_reward}",
         "--model.reward.init_args.weights={length: 1.0}",
+        "--model.val_accuracy_term=length",  # the reward has no accuracy term
         # base.yaml's Evaluation callback (its last) on 4 held-out prompts, not 256.
         "--trainer.callbacks.num_rows=4",
         *extra,
@@ -112,12 +113,30 @@ def _rollout_callbacks(cli):  # type: ignore[no-untyped-def]
     return [cb for cb in cli.trainer.callbacks if isinstance(cb, RolloutCallback)]
 
 
-def test_a_rollout_engine_is_chosen_by_class_path(tmp_path):
-    cli = main(_fit_args(tmp_path, "--rollout.engine=tests.helpers.engines.RecordingEngine"))
+def test_a_rollout_engine_is_chosen_by_class_path_and_samples_everything(tmp_path):
+    """The configured engine samples training rollouts (G = 8), validation (val_samples = 3) and
+    the Evaluation callback (samples = 2) alike: each is told apart by its number of samples."""
+    cli = main(
+        _fit_args(
+            tmp_path,
+            "--rollout.engine=tests.helpers.engines.RecordingEngine",
+            "--model.val_samples=3",
+            "--trainer.callbacks.samples=2",  # base.yaml's Evaluation callback (its last)
+            "--trainer.callbacks.temperature=1.0",
+        )
+    )
     (callback,) = _rollout_callbacks(cli)
     engine = callback.engine
     assert type(engine).__name__ == "RecordingEngine"
-    assert engine.samples == 2 and engine.updates == 2  # one rollout and one sync per step
+    # 2 rollout batches; validation of the 4 held-out prompts (one batch) before the first
+    # update and after the last; the Evaluation callback's 4 prompts under its 3 image
+    # conditions (one unit each) before the first update.
+    assert engine.num_samples.count(8) == 2
+    assert engine.num_samples.count(3) == 2
+    assert engine.num_samples.count(2) == 3
+    assert engine.samples == 7
+    assert engine.updates == 2  # one sync per step
+    assert cli.model.rollout_engine is engine
 
 
 def test_a_users_rollout_callback_replaces_the_default(tmp_path):
@@ -130,6 +149,7 @@ def test_a_users_rollout_callback_replaces_the_default(tmp_path):
     (custom,) = [cb for cb in callbacks if type(cb).__name__ == "CountingRollout"]
     (stock,) = [cb for cb in callbacks if cb is not custom]
     assert custom.calls == 2 and stock.replaced_by is custom
+    assert cli.model.rollout_engine is custom.engine  # validation and evaluation use it too
     assert cli.model.global_step == 2
 
 

@@ -20,6 +20,7 @@ def test_a_reward_that_always_fails_stops_the_run_after_saving(tmp_path, caplog)
         tmp_path,
         "--model.reward.init_args.functions={broken: tests.helpers.rewards.raising_reward}",
         "--model.reward.init_args.weights={broken: 1.0}",
+        "--model.val_accuracy_term=broken",
         "--model.reward.init_args.stop_after=2",
         steps=5,
     )
@@ -39,6 +40,7 @@ def test_the_reward_failure_checkpoint_resumes_with_a_fixed_reward(tmp_path):
     broken = [
         "--model.reward.init_args.functions={broken: tests.helpers.rewards.raising_reward}",
         "--model.reward.init_args.weights={broken: 1.0}",
+        "--model.val_accuracy_term=broken",
         "--model.reward.init_args.stop_after=2",
     ]
     with pytest.raises(RewardFailure):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,15 +13,29 @@ from cppo_lightning.rollout import HFGenerate, Samples
 
 
 class RecordingEngine(HFGenerate):
-    """HF generate that counts its calls and the policy updates it is told about."""
+    """HF generate that counts its calls and the policy updates it is told about.
 
-    def __init__(self, tag: str = "") -> None:
+    Args:
+        tag: A name, to tell engines apart.
+        log: A file that gets one JSON line per ``sample`` call (``num_samples``, ``prompts``),
+            for runs whose engine object the test cannot reach (``cppo evaluate``).
+    """
+
+    def __init__(self, tag: str = "", log: str | None = None) -> None:
         self.tag = tag
+        self.log = log
         self.samples = 0
         self.updates = 0
+        #: ``num_samples`` of every ``sample`` call, in order.
+        self.num_samples: list[int] = []
 
     def sample(self, *args: Any, **kwargs: Any) -> Samples:
         self.samples += 1
+        self.num_samples.append(kwargs["num_samples"])
+        if self.log is not None:
+            line = {"num_samples": kwargs["num_samples"], "prompts": args[2].num_prompts}
+            with Path(self.log).open("a") as file:
+                file.write(json.dumps(line) + "\n")
         return super().sample(*args, **kwargs)
 
     def on_policy_update(self, policy: torch.nn.Module) -> None:

@@ -12,3 +12,9 @@ def length_reward(completions: list[str], **_: Any) -> list[float]:
 
 def raising_reward(completions: list[str], **_: Any) -> list[float]:
     raise RuntimeError("this reward always fails")
+
+
+def every_fourth_reward(completions: list[str], **_: Any) -> list[float]:
+    """1.0 for the first response of every four, else 0.0: whatever the responses say, the mean
+    over any multiple of four responses is exactly 0.25."""
+    return [float(i % 4 == 0) for i in range(len(completions))]

@@ -29,6 +29,7 @@ def fit_args(root: Path, *extra: str, steps: int = 2) -> list[str]:
         # A reward with variance in every group, so every step has a gradient to follow.
         "--model.reward.init_args.functions={length: tests.helpers.rewards.length_reward}",
         "--model.reward.init_args.weights={length: 1.0}",
+        "--model.val_accuracy_term=length",  # the reward has no accuracy term
         "--trainer.callbacks.num_rows=4",  # base.yaml's Evaluation callback, on 4 prompts
         *extra,
     ]

@@ -12,8 +12,9 @@ Logs ``eval/<benchmark>/<images>/accuracy`` (and ``pass_at_k``, ``format_rate``,
 ``answer_kept``) at the number of optimizer steps done, before the first update and every
 ``every_n_steps``, so a run shows held-out accuracy and its visual-reliance gap over time.
 ``val/accuracy`` is not touched. Each rank scores its share of the batches (the same shard as
-``cppo evaluate``'s) and the sums are added over ranks by the trainer's strategy. Sampling runs in
-a forked, seeded RNG: evaluating does not change the training run.
+``cppo evaluate``'s) and the sums are added over ranks by the trainer's strategy. Responses are
+sampled by the run's rollout engine (``rollout.engine``, the module's ``rollout_engine``), in a
+forked, seeded RNG: evaluating does not change the training run.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Evaluation(pl.Callback):
         temperature: Sampling temperature; 0 decodes greedily (then ``samples`` must be 1).
         top_p: Nucleus sampling mass.
         max_new_tokens: Response budget; the set's own when None, else ``model.max_new_tokens``.
-        batch_size: Prompts per ``generate`` call.
+        batch_size: Prompts per ``engine.sample`` call.
         every_n_steps: Optimizer steps between evaluations; the first is before any update.
         seed: Seed of sampling and of the ``shuffled`` pairing.
         num_rows: Evaluate only the first ``num_rows`` rows of each set (None: all of them).
@@ -153,6 +154,7 @@ class Evaluation(pl.Callback):
         assert self._conditions is not None, "setup() has not run"
         prepared = self._prepare(module)
         rank, world = trainer.global_rank, trainer.world_size
+        module.sync_rollout_engine()  # this step's weights: it may run before the rollout callback
         results: list[dict[str, Any]] = []
         for one in prepared:
             budget = self.max_new_tokens or one.eval_set.max_new_tokens or module.max_new_tokens
@@ -165,6 +167,7 @@ class Evaluation(pl.Callback):
                         EvalBatch(unit, one.prompts(unit, self._conditions)), module.device
                     )
                     for r in score_batch(
+                        module.rollout_engine,
                         module.policy,  # type: ignore[arg-type]
                         module.processor,
                         batch,

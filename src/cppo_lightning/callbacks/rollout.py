@@ -17,7 +17,9 @@ class RolloutCallback(pl.Callback):
     The scored :class:`~cppo_lightning.records.RolloutBatch` is handed to the module with
     ``set_rollout``; the policy samples in eval mode, without gradients. The ``cppo`` CLI always
     adds one, configured under ``rollout:``; a subclass listed under ``trainer.callbacks``
-    replaces it (this one then stands aside, and says so once).
+    replaces it (this one then stands aside, and says so once). The callback in charge hands its
+    engine to the module (``set_rollout_engine``), so validation and the ``Evaluation`` callback
+    sample with it too.
 
     Args:
         group_size: G, responses sampled per prompt (at least 2).
@@ -28,7 +30,8 @@ class RolloutCallback(pl.Callback):
         generation_batch_size: Most responses per ``generate`` call (the prompts of a rollout
             batch are generated in chunks of whole groups); all at once when None. Bounds the
             KV cache: B x G x (prompt + max_new_tokens) positions otherwise.
-        engine: What samples the responses (``class_path`` of a
+        engine: What samples the responses, of training rollouts, validation and the
+            ``Evaluation`` callback alike (``class_path`` of a
             :class:`~cppo_lightning.rollout.RolloutEngine`); Hugging Face ``generate`` on the
             policy (:class:`~cppo_lightning.rollout.HFGenerate`) when None.
     """
@@ -66,21 +69,22 @@ class RolloutCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         rollers = [cb for cb in trainer.callbacks if isinstance(cb, RolloutCallback)]  # type: ignore[attr-defined]
         custom = [cb for cb in rollers if type(cb) is not RolloutCallback]
-        if len(rollers) < 2:
-            return
-        if len(custom) != 1:
+        if len(rollers) > 1 and len(custom) != 1:
             names = ", ".join(type(cb).__name__ for cb in rollers)
             raise ValueError(
                 f"{len(rollers)} rollout callbacks ({names}) would each sample every batch: "
                 "keep one. A RolloutCallback subclass listed "
                 "under trainer.callbacks replaces the one of the `rollout:` section."
             )
-        if self is not custom[0]:
+        if len(rollers) > 1 and self is not custom[0]:
             self.replaced_by = custom[0]
             rank_zero_info(
                 f"rollout: {type(custom[0]).__name__} from trainer.callbacks collects the "
                 "rollouts; the `rollout:` section's callback stands aside."
             )
+            return
+        if isinstance(pl_module, CPPOModule):  # validation and evaluation sample with it too
+            pl_module.set_rollout_engine(self.engine)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -95,6 +99,7 @@ class RolloutCallback(pl.Callback):
                 f"model.group_size={pl_module.group_size}: "
                 "set them equal (the `cppo` CLI links them)."
             )
+        pl_module.sync_rollout_engine()  # a no-op but on a resumed run's first batch
         pl_module.set_rollout(self.collect(pl_module, batch))
 
     def collect(self, pl_module: CPPOModule, batch: Any) -> Any:
@@ -110,5 +115,4 @@ class RolloutCallback(pl.Callback):
         batch_idx: int,
     ) -> None:
         if self.replaced_by is None and isinstance(pl_module, CPPOModule):
-            assert pl_module.policy is not None
-            self.engine.on_policy_update(pl_module.policy)
+            pl_module.sync_rollout_engine()  # the engine's on_policy_update, once per step

@@ -7,14 +7,17 @@ MODEL is a hub name, a local Hugging Face directory (``<log_dir>/hf_policy``, ``
 output), ``builtin:NAME``, or a ``.ckpt`` written by ``cppo fit`` (its module settings are read from
 the checkpoint, LoRA is merged, and the views come from the ``config.yaml`` saved beside it).
 Defaults are the CPPO paper's protocol: k = 16 samples at temperature 1.0, top-p 1.0, 2048 new
-tokens, the last ``\boxed{}`` graded by math-verify. ``OUTPUT/responses.jsonl`` gets every response
-as it is produced; running the same command again continues where it stopped. Results go to
-``OUTPUT/results.{json,csv,md}`` and ``OUTPUT/tensorboard``. See docs/evaluation.md.
+tokens, the last ``\boxed{}`` graded by math-verify. Responses are sampled by a rollout engine
+(``--engine``: Hugging Face ``generate`` by default, as in ``cppo fit``'s ``rollout.engine``).
+``OUTPUT/responses.jsonl`` gets every response as it is produced; running the same command again
+continues where it stopped. Results go to ``OUTPUT/results.{json,csv,md}`` and
+``OUTPUT/tensorboard``. See docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -26,10 +29,11 @@ import torch
 
 from cppo_lightning.evaluation.conditions import CONDITIONS, ImageConditions, check_conditions
 from cppo_lightning.evaluation.sets import EvalSet, load_eval_set
-from cppo_lightning.rollout import Sampling
+from cppo_lightning.rollout import HFGenerate, RolloutEngine, Sampling
 
 PROTOCOL_MAX_NEW_TOKENS = 2048
 RUN_FILE = "run.json"
+DEFAULT_ENGINE = f"{HFGenerate.__module__}.{HFGenerate.__qualname__}"
 # Settings that change the responses: a directory holds the responses of one combination.
 _RESPONSE_SETTINGS = (
     "model",
@@ -40,7 +44,10 @@ _RESPONSE_SETTINGS = (
     "seed",
     "batch_size",
     "dtype",
+    "engine",
 )
+# What a run.json written before a setting was recorded had: its responses came from these.
+_UNRECORDED = {"engine": {"class_path": DEFAULT_ENGINE, "init_args": {}}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=8, help="prompts per generate call (x K responses)"
     )
     parser.add_argument(
+        "--engine",
+        default=DEFAULT_ENGINE,
+        metavar="CLASS_PATH",
+        help="what samples the responses: import path of a cppo_lightning.rollout.RolloutEngine "
+        "subclass, as fit's rollout.engine takes it (a bare name is looked up in "
+        "cppo_lightning.rollout; default: %(default)s, Hugging Face generate)",
+    )
+    parser.add_argument(
+        "--engine-args",
+        default=None,
+        metavar="MAPPING",
+        help="the engine's init args, a YAML or JSON mapping such as '{tag: eval}' (default: none)",
+    )
+    parser.add_argument(
         "--config",
         default=None,
         help="a fit config whose data.preserving_view / removing_view / view_seed make the "
@@ -130,6 +151,45 @@ def _check_args(args: argparse.Namespace) -> None:
         args.images = check_conditions(args.images)
     except ValueError as error:
         raise SystemExit(f"cppo evaluate: {error}") from None
+
+
+def build_engine(class_path: str, init_args: str | None) -> tuple[RolloutEngine, dict[str, Any]]:
+    """The ``--engine`` with its ``--engine-args``, and how ``run.json`` records it
+    (``{"class_path": ..., "init_args": {...}}``); SystemExit naming what is wrong."""
+    import yaml
+
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name or "cppo_lightning.rollout")
+        engine_class = getattr(module, name)
+    except (ImportError, AttributeError) as error:
+        raise SystemExit(
+            f"cppo evaluate: --engine {class_path!r} cannot be imported ({error}): give the "
+            f"import path of a RolloutEngine subclass, e.g. {DEFAULT_ENGINE}."
+        ) from None
+    if not (isinstance(engine_class, type) and issubclass(engine_class, RolloutEngine)):
+        raise SystemExit(
+            f"cppo evaluate: --engine {class_path!r} is not a subclass of "
+            "cppo_lightning.rollout.RolloutEngine."
+        )
+    try:
+        kwargs = yaml.safe_load(init_args) if init_args else {}
+    except yaml.YAMLError as error:
+        raise SystemExit(f"cppo evaluate: --engine-args does not parse: {error}") from None
+    if not isinstance(kwargs, dict):
+        raise SystemExit(
+            f"cppo evaluate: --engine-args must be a mapping such as '{{tag: eval}}', got "
+            f"{init_args!r}."
+        )
+    try:
+        engine = engine_class(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(
+            f"cppo evaluate: {engine_class.__name__}(**{kwargs!r}) failed: {error}; check "
+            "--engine-args."
+        ) from None
+    path = f"{engine_class.__module__}.{engine_class.__qualname__}"
+    return engine, {"class_path": path, "init_args": kwargs}
 
 
 def check_model(model: str) -> None:
@@ -181,9 +241,9 @@ def check_run_file(output: Path, settings: dict[str, Any], sets: list[EvalSet]) 
     if path.is_file():
         previous = json.loads(path.read_text())
         changed = [
-            f"{key}: {previous.get(key)!r} -> {settings[key]!r}"
+            f"{key}: {previous.get(key, _UNRECORDED.get(key))!r} -> {settings[key]!r}"
             for key in _RESPONSE_SETTINGS
-            if previous.get(key) != settings[key]
+            if previous.get(key, _UNRECORDED.get(key)) != settings[key]
         ]
         changed += [
             f"eval set {name!r} settings"
@@ -307,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = build_parser().parse_args(argv)
     _check_args(args)
     check_model(args.model)
+    engine, engine_record = build_engine(args.engine, args.engine_args)
     output = Path(args.output).expanduser()
     check_output(output)
     try:
@@ -347,9 +408,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "seed": args.seed,
         "batch_size": args.batch_size,
         "dtype": args.dtype,
+        "engine": engine_record,
     }
     run = check_run_file(output, settings, sets)
-    return evaluate(args, sets, loader, conditions, output, run)
+    return evaluate(args, sets, loader, conditions, output, run, engine)
 
 
 def evaluate(
@@ -359,6 +421,7 @@ def evaluate(
     conditions: ImageConditions,
     output: Path,
     run: dict[str, Any],
+    engine: RolloutEngine | None = None,
 ) -> dict[str, Any] | None:
     import lightning.pytorch as pl
 
@@ -406,7 +469,7 @@ def evaluate(
         )
     max_new_tokens = next(iter(budgets.values()))
     sampling = Sampling(max_new_tokens, args.temperature, top_p=args.top_p)
-    module = EvalModule(loader, {s.name: s for s in sets}, sampling, args.samples)
+    module = EvalModule(loader, {s.name: s for s in sets}, sampling, args.samples, engine)
     callbacks: list[pl.Callback] = [ResponseWriter(output)]
     if not args.no_progress_bar:
         callbacks.append(EvalProgressBar())
@@ -439,6 +502,7 @@ def evaluate(
         "top_p": args.top_p,
         "max_new_tokens": max_new_tokens,
         "seed": args.seed,
+        "engine": run["engine"],
         "results": results,
     }
     write_results(output, payload)

@@ -10,7 +10,9 @@ Ranks take the batches ``b`` with ``b % world_size == rank``, every condition of
 same rank.
 
 :func:`score_batch` is shared by ``cppo evaluate`` (Lightning's predict loop) and the in-training
-:class:`~cppo_lightning.callbacks.Evaluation` callback.
+:class:`~cppo_lightning.callbacks.Evaluation` callback; it samples through a
+:class:`~cppo_lightning.rollout.RolloutEngine` (``cppo evaluate --engine``, the run's
+``rollout.engine`` in fit).
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from cppo_lightning.evaluation.conditions import ImageConditions, shuffle_partne
 from cppo_lightning.evaluation.sets import LETTERS, EvalSet
 from cppo_lightning.records import PromptBatch
 from cppo_lightning.rewards import extract_boxed, is_equivalent, normalize_answer
-from cppo_lightning.rollout import Sampling, decode_responses, generate_responses, repeat_columns
+from cppo_lightning.rollout import (
+    RolloutEngine,
+    Sampling,
+    check_samples,
+    decode_responses,
+    repeat_columns,
+)
 
 _SEED_DOMAIN = b"cppo-eval-seed1"
 
@@ -171,6 +179,7 @@ def grade(
 
 @torch.no_grad()
 def score_batch(
+    engine: RolloutEngine,
     policy: torch.nn.Module,
     processor: Any,
     batch: EvalBatch,
@@ -179,7 +188,8 @@ def score_batch(
     samples: int,
     suppress_token_ids: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
-    """Sample ``samples`` responses per prompt of a unit, from its seed, and grade them.
+    """Sample ``samples`` responses per prompt of a unit with ``engine``, from the unit's seed,
+    and grade them.
 
     The global RNG is left as it was (the draw runs in a forked, seeded RNG), so this can run in
     the middle of training.
@@ -196,7 +206,7 @@ def score_batch(
         torch.random.default_generator.manual_seed(unit.seed)
         if devices:
             torch.cuda.manual_seed(unit.seed)
-        response_ids, response_mask = generate_responses(
+        drawn = engine.sample(
             policy,
             processor,
             prompts,
@@ -204,6 +214,8 @@ def score_batch(
             num_samples=samples,
             suppress_token_ids=suppress_token_ids,
         )
+    check_samples(engine, drawn, prompts, samples)
+    response_ids, response_mask = drawn.response_ids, drawn.response_mask
     texts = decode_responses(processor, response_ids, response_mask)
     columns = repeat_columns(prompts.columns, samples)
     correct, formatted = grade(eval_set, texts, columns)

@@ -4,7 +4,8 @@
   already in ``responses.jsonl`` (resume) and gives this rank its share; one batch of the loader is
   one unit (``batch_size=None``), so Lightning's distributed sampler is not used: the shard is
   fixed by the unit plan, the same whatever the world size.
-- :class:`EvalModule` holds the policy; ``predict_step`` samples and grades a unit.
+- :class:`EvalModule` holds the policy and the rollout engine; ``predict_step`` samples (through
+  the engine) and grades a unit.
 - :class:`ResponseWriter` appends each unit's records to ``responses.jsonl`` as it is produced.
 - :class:`EvalProgressBar` counts prompts and shows the running accuracy and an ETA.
 """
@@ -32,7 +33,7 @@ from cppo_lightning.evaluation.engine import (
 from cppo_lightning.evaluation.report import RESPONSES, append_records, read_records, unit_done
 from cppo_lightning.evaluation.sets import EvalSet
 from cppo_lightning.policy import suppressed_token_ids
-from cppo_lightning.rollout import Sampling
+from cppo_lightning.rollout import HFGenerate, RolloutEngine, Sampling
 
 
 class UnitDataset(Dataset):
@@ -149,6 +150,8 @@ class EvalModule(pl.LightningModule):
         sets: The evaluation sets by name (their graders).
         sampling: How responses are sampled.
         samples: k.
+        engine: What samples them (:class:`~cppo_lightning.rollout.HFGenerate` when None); told
+            of the policy (``on_policy_update``) once it is loaded.
     """
 
     def __init__(
@@ -157,12 +160,14 @@ class EvalModule(pl.LightningModule):
         sets: dict[str, EvalSet],
         sampling: Sampling,
         samples: int,
+        engine: RolloutEngine | None = None,
     ) -> None:
         super().__init__()
         self._load = load
         self.sets = sets
         self.sampling = sampling
         self.samples = samples
+        self.engine = engine if engine is not None else HFGenerate()
         self.policy: torch.nn.Module | None = None
         self.processor: Any = None
         self.suppress: list[int] = []
@@ -175,10 +180,12 @@ class EvalModule(pl.LightningModule):
         self.policy, self.processor = self._load()
         self.policy.eval()
         self.suppress = suppressed_token_ids(self.processor)
+        self.engine.on_policy_update(self.policy)  # an engine with weights of its own loads these
 
     def predict_step(self, batch: EvalBatch, batch_idx: int) -> list[dict[str, Any]]:
         assert self.policy is not None
         records = score_batch(
+            self.engine,
             self.policy,
             self.processor,
             batch,
