@@ -114,12 +114,14 @@ def test_fp16_precision_is_refused_with_the_alternative():
     # Lightning turns 16-mixed into bf16-mixed on CPU, so the GPU case is staged with a stand-in.
     from types import SimpleNamespace
 
+    # Checked in setup, before any model is loaded.
     module = CPPOModule()
-    module.trainer = SimpleNamespace(precision="16-mixed", datamodule=None)  # type: ignore[assignment]
+    trainer = SimpleNamespace(precision="16-mixed", datamodule=None, max_steps=-1)
+    module.trainer = trainer  # type: ignore[assignment]
     with pytest.raises(ValueError, match="use bf16-mixed"):
-        module.on_fit_start()
-    module.trainer = SimpleNamespace(precision="bf16-mixed", datamodule=None)  # type: ignore[assignment]
-    module.on_fit_start()
+        module.setup("fit")
+    module.trainer = SimpleNamespace(**{**vars(trainer), "precision": "bf16-mixed"})  # type: ignore[assignment]
+    module.setup("fit")
 
 
 def test_checkpoint_keys_match_parameters_behind_wrappers(tiny_model_dir):
