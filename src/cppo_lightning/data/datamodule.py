@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from cppo_lightning.data.loader import ResumableLoader, ShuffledSampler
 from cppo_lightning.data.rows import (
     DropReport,
+    decode_bound,
     drop_reason,
     empty,
     format_prompt,
@@ -85,7 +86,9 @@ class PromptCollator:
         keep_images: Keep the decoded images (for views).
         family: The model family; found from the processor's class when None.
         min_pixels: Images smaller than this (H x W) are upscaled to it, aspect kept.
-        max_pixels: Images larger than this are downscaled to it, aspect kept.
+        max_pixels: Images larger than this are downscaled to it, aspect kept. With the
+            processor's own budget it also bounds how large an image is decoded
+            (:class:`~cppo_lightning.data.rows.DecodeBound`).
     """
 
     def __init__(
@@ -105,11 +108,12 @@ class PromptCollator:
         self.family = family if family is not None else family_of_processor(processor)
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
+        self.bound = decode_bound(max_pixels, getattr(processor, "image_processor", None))
         self.skipped = 0
 
     def images(self, row: dict[str, Any]) -> list[Image.Image]:
         """The row's images, decoded and sized (ValueError if one is bad or missing)."""
-        return row_images(row, self.image_column, self.min_pixels, self.max_pixels)
+        return row_images(row, self.image_column, self.min_pixels, self.max_pixels, self.bound)
 
     def prompt(self, row: dict[str, Any], num_images: int) -> str:
         return format_prompt(self.processor, row["question"], self.instruction, num_images)

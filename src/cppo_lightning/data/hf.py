@@ -20,9 +20,21 @@ from typing import Any
 
 import datasets
 
-from cppo_lightning.data.rows import element_feature
+from cppo_lightning.data.rows import element_feature, is_url
 
 _FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+# Suffixes that make a name a file, never a hub dataset (hub ids are `name` or `owner/name`).
+_FILE_SUFFIXES = {
+    *_FILE_BUILDERS,
+    *(".arrow", ".tsv", ".txt", ".yaml", ".yml", ".zip", ".gz", ".bz2", ".xz", ".zst", ".tar"),
+}
+# Text formats whose rows must be UTF-8 (pyarrow's json reader does not check: a bad byte
+# surfaces later, from some row's read, naming neither the file nor the row).
+_TEXT_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".txt"}
+
+
+class DataFileMissing(FileNotFoundError, ValueError):
+    """A dataset path that names a local file or folder that does not exist."""
 
 
 @dataclasses.dataclass
@@ -53,9 +65,27 @@ class DatasetSpec:
     columns: dict[str, str] | None = None
     num_rows: int | None = None
 
-    def load(self) -> datasets.Dataset:
-        """Read the split; relative image paths are made absolute."""
+    def load(self, key: str = "path") -> datasets.Dataset:
+        """Read the split; relative image paths are made absolute.
+
+        Args:
+            key: The config key ``path`` came from, named in errors (e.g.
+                ``data.dataset.init_args.train.path``).
+
+        Raises:
+            DataFileMissing: ``path`` looks like a local file or folder (a data suffix such as
+                ``.jsonl``, a leading ``/``, ``.`` or ``~``, or a folder that exists here) and
+                does not exist; checked before ``datasets`` is called, so a typo is never
+                looked up on the hub.
+            ValueError: The file is empty, not UTF-8 (naming the line), or lacks a column.
+        """
         local = Path(self.path).expanduser()
+        if not local.exists() and _names_a_local_path(self.path):
+            absolute = "" if local.is_absolute() else f" (looked for {local.absolute()})"
+            raise DataFileMissing(
+                f"{key}: no such file or folder {self.path!r}{absolute}: fix the path, or give "
+                "a hub dataset name (owner/name)."
+            )
         if local.is_file():
             builder = _FILE_BUILDERS.get(local.suffix.lower())
             if builder is None:
@@ -65,7 +95,11 @@ class DatasetSpec:
                 )
             if not _has_rows(local):
                 raise ValueError(_no_rows(self.path))
-            dataset = datasets.load_dataset(builder, data_files=str(local), split="train")
+            try:
+                dataset = datasets.load_dataset(builder, data_files=str(local), split="train")
+            except Exception as error:  # a parser's error: say which line is not UTF-8, if one
+                _raise_if_not_utf8([local], key, error)
+                raise
             root: str | None = self.image_root or str(local.parent)
         else:
             try:
@@ -76,15 +110,26 @@ class DatasetSpec:
                     split=self.split,
                     revision=self.revision,
                 )
-            except ValueError as error:
-                if "split" in str(error).lower() and self.split in str(error):
+            except Exception as error:
+                message = str(error)
+                no_split = "split" in message.lower() and self.split in message
+                if isinstance(error, ValueError) and no_split:
                     raise ValueError(
                         f"{self.path!r} has no split {self.split!r} ({error}): set the spec's "
                         "`split`."
                     ) from error
+                if local.is_dir():
+                    _raise_if_not_utf8(_text_files(local), key, error)
                 raise
             root = self.image_root or (str(local) if local.is_dir() else None)
         assert isinstance(dataset, datasets.Dataset)
+        texts = [local] if local.is_file() else _text_files(local) if local.is_dir() else []
+        if any(path.suffix.lower() in _TEXT_SUFFIXES for path in texts):
+            try:  # UTF-8 of every string, at C speed (GB/s)
+                dataset.data.table.validate(full=True)
+            except Exception as error:
+                _raise_if_not_utf8(texts, key, error)
+                raise
         if len(dataset) == 0:
             raise ValueError(_no_rows(self.path, self.split))
         if self.columns:
@@ -99,6 +144,47 @@ class DatasetSpec:
         if self.num_rows is not None:
             dataset = dataset.select(range(min(self.num_rows, len(dataset))))
         return _absolute_image_paths(dataset, root)
+
+
+def _names_a_local_path(path: str) -> bool:
+    """Whether a name that does not exist here is a local file or folder (a typo to report)
+    rather than a hub dataset id (``name`` or ``owner/name``)."""
+    if is_url(path):
+        return False  # hf://..., s3://...: for datasets to resolve
+    if Path(path).suffix.lower() in _FILE_SUFFIXES:
+        return True
+    if path.startswith(("/", ".", "~")) or (os.sep != "/" and os.sep in path):
+        return True
+    parts = path.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir())
+
+
+def _text_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in _TEXT_SUFFIXES)
+
+
+def first_non_utf8_line(path: Path) -> tuple[int, int, int] | None:
+    """``(line number, column, byte)`` of the first byte of ``path`` that is not UTF-8 (both
+    counted from 1), or None when the whole file decodes."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return number, error.start + 1, line[error.start]
+    return None
+
+
+def _raise_if_not_utf8(files: list[Path], key: str, error: BaseException) -> None:
+    """Raise a ValueError naming the first line of ``files`` that is not UTF-8 (if any)."""
+    for path in files:
+        found = first_non_utf8_line(path)
+        if found is not None:
+            line, column, byte = found
+            raise ValueError(
+                f"{key}: {str(path)!r} line {line} is not UTF-8 (byte 0x{byte:02x} at column "
+                f"{column}): re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+            ) from error
 
 
 def _no_rows(path: str, split: str | None = None) -> str:
@@ -147,7 +233,8 @@ def _absolute_image_paths(dataset: datasets.Dataset, root: str | None) -> datase
 
 
 def _absolute(value: Any, root: str) -> Any:
-    if isinstance(value, str) and value and not os.path.isabs(value):
+    # A URL is left as it is: the row check counts it as not fetched (not as a missing file).
+    if isinstance(value, str) and value and not os.path.isabs(value) and not is_url(value):
         return os.path.join(root, value)
     if isinstance(value, list):
         return [_absolute(v, root) for v in value]
@@ -194,9 +281,10 @@ class HFDataset:
         self.seed = seed
 
     def load(self) -> datasets.DatasetDict:
-        train = self.train.load()
+        train = self.train.load(key="data.dataset.init_args.train.path")
         if self.validation is not None:
-            return datasets.DatasetDict(train=train, validation=self.validation.load())
+            validation = self.validation.load(key="data.dataset.init_args.validation.path")
+            return datasets.DatasetDict(train=train, validation=validation)
         if self.validation_size >= len(train):
             raise ValueError(
                 f"cannot hold out validation_size={self.validation_size} rows of a "

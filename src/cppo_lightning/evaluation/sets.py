@@ -28,13 +28,14 @@ from cppo_lightning.data.datamodule import DatasetSource, PromptCollator
 from cppo_lightning.data.hf import DatasetSpec
 from cppo_lightning.data.rows import (
     PAPER_INSTRUCTION,
+    DecodeBound,
     DropReport,
+    decode_bound,
     drop_reason,
     empty,
-    fit_pixels,
     image_values,
-    open_image,
     prepare_split,
+    sized_images,
     undecoded_images,
 )
 from cppo_lightning.rewards import accuracy_reward
@@ -205,6 +206,8 @@ class EvalSet:
         self.max_new_tokens = max_new_tokens
         self.num_rows = num_rows
         self.source = "inline"  # the file it was read from, set by load_eval_set
+        # How far images may shrink while decoded; load() adds the processor's budget.
+        self._bound: DecodeBound = decode_bound(max_pixels)
 
     def fingerprint(self) -> str:
         """A hash of every setting that changes this set's prompts or grades (for resuming)."""
@@ -212,6 +215,7 @@ class EvalSet:
             key: (value if isinstance(value, (str, int, float, bool, type(None))) else repr(value))
             for key, value in vars(self).items()
             if key not in ("source", "dataset", "grader", "format_reward")
+            and not key.startswith("_")
         }
         settings["dataset"] = _describe(self.dataset)
         settings["grader"] = _qualname(self.grader)
@@ -221,7 +225,8 @@ class EvalSet:
 
     def raw_rows(self) -> datasets.Dataset:
         if isinstance(self.dataset, DatasetSpec):
-            rows = self.dataset.load()
+            key = "--eval's path" if self.source == "inline" else f"dataset.path in {self.source}"
+            rows = self.dataset.load(key=f"eval set {self.name!r}: {key}")
         else:
             loaded = self.dataset.load()
             if self.split not in loaded:
@@ -258,6 +263,7 @@ class EvalSet:
             ValueError: A named column is missing (the message lists the columns there are), or
                 no row is left.
         """
+        self._bound = decode_bound(self.max_pixels, getattr(processor, "image_processor", None))
         rows = self.raw_rows()
         self._check_columns(rows)
         rows = undecoded_images(rows, self.image_column)
@@ -315,11 +321,11 @@ class EvalSet:
         )
 
     def images(self, row: dict[str, Any]) -> list[Any]:
-        """The row's images, decoded and sized as the collator sizes them."""
-        return [
-            fit_pixels(open_image(v), self.min_pixels, self.max_pixels)
-            for v in image_values(row["image"])
-        ]
+        """The row's images, decoded and sized as the collator decodes and sizes them (after
+        :meth:`load`, bounded by the processor's budget too)."""
+        return sized_images(
+            image_values(row["image"]), self.min_pixels, self.max_pixels, self._bound
+        )
 
 
 def _canonical_row(row: dict[str, Any], index: int, columns: dict[str, str | None]) -> dict:
