@@ -1,8 +1,11 @@
-"""A rollout engine and a rollout callback of a user's own, to test those plug-in points."""
+"""Rollout engines and a rollout callback of a user's own, to test those plug-in points, and an
+engine that preempts its own ``cppo evaluate`` (SIGTERM), for the fault tests."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +55,22 @@ class CountingRollout(RolloutCallback):
     def collect(self, pl_module: Any, batch: Any) -> Any:
         self.calls += 1
         return super().collect(pl_module, batch)
+
+
+class SigtermOnce(HFGenerate):
+    """HF generate that sends SIGTERM to its own process as its ``call``-th ``sample`` call
+    starts, as a scheduler preempts a job, unless ``marker`` exists (it is created then): the
+    same command run again is not preempted. Samples exactly as :class:`HFGenerate`.
+    """
+
+    def __init__(self, marker: str, call: int = 2) -> None:
+        self.marker = Path(marker)
+        self.call = call
+        self.calls = 0
+
+    def sample(self, *args: Any, **kwargs: Any) -> Samples:
+        self.calls += 1
+        if self.calls == self.call and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().sample(*args, **kwargs)

@@ -10,8 +10,9 @@ Defaults are the CPPO paper's protocol: k = 16 samples at temperature 1.0, top-p
 tokens, the last ``\boxed{}`` graded by math-verify. Responses are sampled by a rollout engine
 (``--engine``: Hugging Face ``generate`` by default, as in ``cppo fit``'s ``rollout.engine``).
 ``OUTPUT/responses.jsonl`` gets every response as it is produced; running the same command again
-continues where it stopped. Results go to ``OUTPUT/results.{json,csv,md}`` and
-``OUTPUT/tensorboard``. See docs/evaluation.md.
+continues where it stopped. On SIGTERM the command stops once the unit in progress is written and
+exits with status 143, printing the command that continues it. Results go to
+``OUTPUT/results.{json,csv,md}`` and ``OUTPUT/tensorboard``. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import importlib
 import json
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -364,7 +366,9 @@ def _devices(value: str) -> Any:
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Run ``cppo evaluate``; returns the results payload on global rank 0 (None elsewhere)."""
-    args = build_parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(given)
+    args.command = shlex.join(["cppo", "evaluate", *given])  # the command that continues this run
     _check_args(args)
     check_model(args.model)
     engine, engine_record = build_engine(args.engine, args.engine_args)
@@ -424,7 +428,9 @@ def evaluate(
     engine: RolloutEngine | None = None,
 ) -> dict[str, Any] | None:
     import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from cppo_lightning.callbacks.stops import PREEMPTED_EXIT_CODE
     from cppo_lightning.evaluation.loop import (
         EvalDataModule,
         EvalModule,
@@ -458,6 +464,10 @@ def evaluate(
         datamodule.prepare_sets()
     except ValueError as error:
         raise SystemExit(f"cppo evaluate: {error}") from None
+    try:
+        read_records(output / RESPONSES)  # a damaged line is refused before the model loads
+    except ValueError as error:
+        raise SystemExit(f"cppo evaluate: {error}") from None
     # One sampling per set: its own response budget unless --max-new-tokens is given.
     budgets = {
         s.name: args.max_new_tokens or s.max_new_tokens or PROTOCOL_MAX_NEW_TOKENS for s in sets
@@ -488,7 +498,18 @@ def evaluate(
     )
     if trainer.is_global_zero:
         write_atomic(output / RUN_FILE, json.dumps(run, indent=2) + "\n")
-    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    try:
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            print(
+                "cppo evaluate: SIGTERM: stopped after the unit in progress; "
+                f"{output / RESPONSES} keeps every whole unit scored so far; exit status "
+                f"{PREEMPTED_EXIT_CODE}. Continue with: {args.command}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     trainer.strategy.barrier("evaluate-done")
     if not trainer.is_global_zero:
         return None

@@ -6,7 +6,8 @@
   fixed by the unit plan, the same whatever the world size.
 - :class:`EvalModule` holds the policy and the rollout engine; ``predict_step`` samples (through
   the engine) and grades a unit.
-- :class:`ResponseWriter` appends each unit's records to ``responses.jsonl`` as it is produced.
+- :class:`ResponseWriter` appends each unit's records to ``responses.jsonl`` as it is produced,
+  and after a SIGTERM stops the loop once the unit in progress is written.
 - :class:`EvalProgressBar` counts prompts and shows the running accuracy and an ETA.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
 from cppo_lightning.evaluation.conditions import ImageConditions
@@ -200,7 +202,11 @@ class EvalModule(pl.LightningModule):
 
 
 class ResponseWriter(BasePredictionWriter):
-    """Appends every unit's records to ``responses.jsonl`` as soon as the unit is scored."""
+    """Appends every unit's records to ``responses.jsonl`` as soon as the unit is scored.
+
+    Lightning's predict loop notes a SIGTERM and runs on to the last unit (its training and
+    validation loops stop): here the loop stops with ``SIGTERMException`` once the unit in
+    progress is written, so the file holds whole units and the same command continues."""
 
     def __init__(self, output: Path) -> None:
         super().__init__(write_interval="batch")
@@ -217,6 +223,8 @@ class ResponseWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         append_records(self.path, prediction)
+        if trainer.received_sigterm:
+            raise SIGTERMException
 
 
 class EvalProgressBar(TQDMProgressBar):

@@ -2,9 +2,12 @@
 a Markdown table, TensorBoard scalars.
 
 ``responses.jsonl`` is only ever appended to, one whole line per response, under a file lock (ranks
-of one node share it); a line cut short by an interrupted run is ignored when it is read back, and
-a response written twice (a unit redone after an interruption) counts once. Result files are
-written to a temporary name and renamed, so a reader never sees half a file.
+of one node share it). A process killed in the middle of a write leaves a cut last line: it is
+ignored when the file is read back and cut off (said on stderr) before the next append, so the
+next record starts on a line of its own. A line that does not parse anywhere else was not cut by
+a kill: the file is refused, naming the line. A response written twice (a unit redone after an
+interruption) counts once. Result files are written to a temporary name and renamed, so a reader
+never sees half a file.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import io
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,13 +31,15 @@ Key = tuple[str, str, str, int]  # (benchmark, images, prompt_id, sample)
 
 
 def append_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Append records as JSON lines, in one write under an exclusive lock."""
+    """Append records as JSON lines, in one write under an exclusive lock, after cutting off a
+    last line that a killed write left unfinished (:func:`drop_cut_last_line`)."""
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
     if not data:
         return
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        drop_cut_last_line(fd, path)
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
@@ -43,24 +49,79 @@ def append_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
         os.close(fd)  # closing releases the lock
 
 
+def drop_cut_last_line(fd: int, path: Path) -> None:
+    """Truncate the file open as ``fd`` (read-write, locked) to its last whole line when its
+    last line lacks its newline or is not a response record: the fragment of a write that was
+    killed (appending after it would glue the next record onto it and lose both)."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return
+    start = _last_line_start(fd, size)
+    line = os.pread(fd, size - start, start)
+    if line.endswith(b"\n") and _parse(line) is not None:
+        return
+    os.ftruncate(fd, start)
+    print(
+        f"{path}: dropped its cut last line ({len(line)} bytes from an interrupted write; the "
+        "unit it belonged to is scored again).",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _last_line_start(fd: int, size: int) -> int:
+    """The offset where the last line of the file open as ``fd`` (``size`` bytes) starts."""
+    position = size - 1  # the last byte is the last line's own newline when it has one
+    while position > 0:
+        begin = max(0, position - (1 << 16))
+        newline = os.pread(fd, position - begin, begin).rfind(b"\n")
+        if newline >= 0:
+            return begin + newline + 1
+        position = begin
+    return 0
+
+
+def _parse(line: bytes) -> tuple[Key, dict[str, Any]] | None:
+    """A line's key and record; None if it is not a whole response record."""
+    try:
+        record = json.loads(line)
+        key = (
+            record["benchmark"],
+            record["images"],
+            str(record["prompt_id"]),
+            int(record["sample"]),
+        )
+    except (ValueError, KeyError, TypeError):  # JSONDecodeError and UnicodeDecodeError too
+        return None
+    return key, record
+
+
 def read_records(path: Path) -> dict[Key, dict[str, Any]]:
     """The records of ``responses.jsonl`` by key (the first of duplicates); a missing file is
-    empty, and a line that is not whole JSON (cut by an interruption) is skipped."""
+    empty. A last line without its newline, or that is not a record, is the fragment of a killed
+    write and is skipped.
+
+    Raises:
+        ValueError: Another line is not a record (the file was damaged or edited), naming it.
+    """
     records: dict[Key, dict[str, Any]] = {}
     if not path.is_file():
         return records
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-                key = (
-                    record["benchmark"],
-                    record["images"],
-                    str(record["prompt_id"]),
-                    int(record["sample"]),
+    bad: int | None = None  # a line that did not parse: fatal unless it is the last
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if bad is not None:
+                raise ValueError(
+                    f"{path}: line {bad} is not a whole response record (JSON with benchmark, "
+                    "images, prompt_id and sample), and it is not the last line, so it is not "
+                    "a write cut by a kill: the file was damaged or edited. Delete that line "
+                    "(the responses it held are scored again) or use another --output."
                 )
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            parsed = _parse(line) if line.endswith(b"\n") else None
+            if parsed is None:
+                bad = number
                 continue
+            key, record = parsed
             records.setdefault(key, record)
     return records
 
