@@ -6,7 +6,9 @@ counters (Lightning's), a checkpoint holds every rank's random-number states
 position (:mod:`cppo_lightning.data.loader`).
 
 A checkpoint file is whole or absent (:class:`AtomicCheckpointIO`): it is written to a temporary
-file in its own folder, after a free-space check, and renamed into place.
+file in its own folder, after a free-space check, and renamed into place. A temporary left by a
+process that was killed while writing is removed on the next start
+(:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import shutil
+import socket
 import tempfile
 from typing import Any
 
@@ -24,7 +28,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
 class UnreadableCheckpoint(ValueError):
@@ -103,6 +107,77 @@ def restore_rng_states(states: list[dict[str, Any]] | None, rank: int, world_siz
     set_rng_states(states[rank])
 
 
+def current_umask() -> int:
+    """This process's umask: from ``/proc`` where there is one (reading it by setting it would
+    change it for a moment for every thread), else by setting it and setting it back."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# A writer's temporary: `.<checkpoint name>.<pid>@<host>.<random>.tmp` in the checkpoint's folder.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[^.]+)\.[^.]+\.tmp")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _temporary_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}.{os.getpid()}@{_host()}."
+
+
+# Temporaries this process is writing now (an asynchronous checkpoint IO writes from a thread).
+_WRITING: set[str] = set()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # its temporaries are left over unless being written (`_WRITING`)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[str]:
+    """Remove the temporary checkpoint files in ``folder`` that a writer on this host left when it
+    was killed mid-write, and return their paths: those of a process that is gone, and those of
+    this process's id (a restarted container often gets its old process id) that it is not
+    writing now. Another live process's temporary is never touched, nor one written from another
+    host (its process cannot be checked from here)."""
+    folder = os.path.abspath(folder)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    host = _host()
+    for name in names:
+        match = _TEMPORARY.fullmatch(name)
+        path = os.path.join(folder, name)
+        if match is None or match["host"] != host or _alive(int(match["pid"])) or path in _WRITING:
+            continue
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    for path in removed:
+        rank_zero_info(f"removed {path}: a checkpoint write that its process did not finish")
+    return removed
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temporary file in the checkpoint's own folder, renamed into place.
 
@@ -112,7 +187,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     serialised first, the destination's free space is checked against their size (a clear error
     before anything is written), and a failed write removes its temporary file, leaving any
     earlier checkpoint of that name as it was. Remote paths (``s3://`` ...) keep Lightning's way.
+
+    The temporary's name holds the writer's process id and host, so that the temporaries of a
+    process killed mid-write are removed the first time a writer uses that folder again
+    (:func:`remove_stale_temporaries`). The file gets the permissions of any file this process
+    creates (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._swept: set[str] = set()
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -125,6 +209,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
+        if folder not in self._swept:
+            remove_stale_temporaries(folder)
+            self._swept.add(folder)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         size = buffer.getbuffer().nbytes
@@ -137,18 +224,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 "at a larger disk."
             )
         handle, temporary = tempfile.mkstemp(
-            prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder
+            prefix=_temporary_prefix(path), suffix=".tmp", dir=folder
         )
+        _WRITING.add(temporary)
         try:
             with os.fdopen(handle, "wb") as file:
                 file.write(buffer.getbuffer())
                 file.flush()
                 os.fsync(file.fileno())
+            os.chmod(temporary, 0o666 & ~current_umask())
             os.replace(temporary, path)
         except BaseException:
             if os.path.exists(temporary):
                 os.remove(temporary)
             raise
+        finally:
+            _WRITING.discard(temporary)
 
 
 def install_atomic_checkpoints(trainer: Trainer) -> None:

@@ -7,8 +7,10 @@ documentation. Values that must agree live in one place and are linked (see
 
 from __future__ import annotations
 
+import linecache
 import os
 import sys
+from types import TracebackType
 from typing import Any
 
 import yaml
@@ -23,10 +25,28 @@ from cppo_lightning.callbacks import (
     RunProgressBar,
     SaveOnStop,
 )
-from cppo_lightning.checkpoints import install_atomic_checkpoints
+from cppo_lightning.checkpoints import install_atomic_checkpoints, remove_stale_temporaries
 from cppo_lightning.data import VisionLanguageDataModule
+from cppo_lightning.errors import ConfigError
 from cppo_lightning.module import CPPOModule
-from cppo_lightning.resume import SPECIAL_PATHS, CheckpointError, compare_settings, read_checkpoint
+from cppo_lightning.resume import (
+    SPECIAL_PATHS,
+    CheckpointError,
+    compare_settings,
+    find_last_checkpoint,
+    is_sharded_checkpoint,
+    read_checkpoint,
+)
+from cppo_lightning.run_folder import check_writable, claim_log_versions
+
+# Commands of the `cppo` script that are not Trainer methods (see `entry_point`): listed in
+# `cppo --help` next to fit and validate.
+OWN_COMMANDS = {
+    "evaluate": "Score a model on evaluation sets: cppo evaluate MODEL --eval SET "
+    "(cppo evaluate --help).",
+    "export": "Write a checkpoint as a Hugging Face model: cppo export CKPT OUT "
+    "(cppo export --help).",
+}
 
 
 class CPPOCLI(LightningCLI):
@@ -43,6 +63,16 @@ class CPPOCLI(LightningCLI):
             for key, value in LightningCLI.subcommands().items()
             if key in ("fit", "validate")
         }
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        subcommands = getattr(self.parser, "_subcommands_action", None)
+        if add_subcommands and subcommands is not None:
+            # Listed for `cppo --help` (and its usage line); `entry_point` runs them.
+            for name, text in OWN_COMMANDS.items():
+                subcommands.add_subcommand(name, self.init_parser(description=text), help=text)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RolloutCallback, "rollout")
@@ -63,11 +93,14 @@ class CPPOCLI(LightningCLI):
         # settings. Here the user's settings stand: the checkpoint is read (a bad file is refused
         # by name), settings that cannot change are refused and the others are logged.
         subcommand = self.config.get("subcommand")
-        if not subcommand:
+        if not subcommand or subcommand in OWN_COMMANDS:
             return
         path = self.config[subcommand].get("ckpt_path")
-        if not path or str(path) in SPECIAL_PATHS or os.path.isdir(path):
-            return  # Lightning resolves the special names; sharded checkpoints are folders
+        if path is not None and str(path) == "last":
+            path = self._find_last(subcommand)
+            rank_zero_info(f"--ckpt_path last: {path}")
+        if not path or str(path) in SPECIAL_PATHS or is_sharded_checkpoint(str(path)):
+            return  # Lightning resolves "best" and "hpc", and loads sharded folders as a whole
         try:
             checkpoint = read_checkpoint(str(path), subcommand)
             given = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False))
@@ -79,9 +112,55 @@ class CPPOCLI(LightningCLI):
         for change in changes:
             rank_zero_info(f"resume: {change}")
 
+    def _find_last(self, subcommand: str) -> str:
+        """The file ``--ckpt_path last`` means (:func:`find_last_checkpoint`), put in the config;
+        refused when there is none."""
+        trainer = self.config[subcommand]["trainer"]
+        root = str(trainer.get("default_root_dir") or "runs")
+        name: str | None = "lightning_logs"
+        logger = trainer.get("logger")
+        if isinstance(logger, list):
+            logger = logger[0] if logger else False
+        if logger is False:
+            name = None
+        elif logger not in (None, True):
+            init = logger.get("init_args") or {}
+            root = str(init.get("save_dir") or root)
+            name = init.get("name", name)
+        callbacks = trainer.get("callbacks") or []
+        dirpaths = tuple(
+            str(cb["init_args"]["dirpath"])
+            for cb in (callbacks if isinstance(callbacks, list) else [callbacks])
+            if hasattr(cb, "get") and (cb.get("init_args") or {}).get("dirpath")
+        )
+        found = find_last_checkpoint(root, name, dirpaths)
+        if found is None:
+            where = os.path.join(root, name, "version_*") if name else root
+            self.parser.error(
+                f"--ckpt_path last: no last.ckpt in {os.path.join(where, 'checkpoints')}"
+                + (f" or {', '.join(dirpaths)}" if dirpaths else "")
+                + " (trainer.default_root_dir). Pass the checkpoint file to resume from, or "
+                "leave --ckpt_path out to start a new run."
+            )
+        self.config[subcommand]["ckpt_path"] = found
+        return found
+
     def before_instantiate_classes(self) -> None:
+        if self.subcommand in OWN_COMMANDS:
+            module = "export" if self.subcommand == "export" else "evaluation.command"
+            self.parser.error(
+                f"`cppo {self.subcommand}` runs from the `cppo` console script; from Python call "
+                f"cppo_lightning.{module}.main."
+            )
         if self.subcommand == "fit":
             _check_bounded(self.config["fit"]["trainer"])
+        if self.subcommand in ("fit", "validate"):
+            # Before any model loads: Lightning's logger would fail in a 30-frame traceback.
+            root = self.config[self.subcommand]["trainer"].get("default_root_dir") or "runs"
+            try:
+                check_writable(str(root), "trainer.default_root_dir")
+            except ConfigError as error:
+                self.parser.error(str(error))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # A section set to null (e.g. `cpl_weight: null` under GRPO) adds no callback.
@@ -98,7 +177,28 @@ class CPPOCLI(LightningCLI):
             always.append(RunProgressBar())
         trainer = self._instantiate_trainer(trainer_config, always)
         install_atomic_checkpoints(trainer)  # checkpoint files are whole or absent
+        if self.subcommand is None:
+            return trainer  # only built (`main(..., run=False)`): nothing will be written
+        # Before anything writes: this run's own version_N, whatever other runs start with it.
+        claim_log_versions(trainer)
+        if self.subcommand == "fit" and trainer.global_rank == 0:
+            self._remove_stale_temporaries(trainer)
         return trainer
+
+    def _remove_stale_temporaries(self, trainer: Trainer) -> None:
+        """Checkpoint writes left unfinished by killed runs of this root: in the checkpoint folders
+        of its version folders and in the folder of ``--ckpt_path`` (a resumed run writes into a
+        new version folder, so its writer would never see them)."""
+        folders = {os.path.join(trainer.default_root_dir, "checkpoints")}
+        for logger in trainer.loggers:
+            root = getattr(logger, "root_dir", None)
+            if root and os.path.isdir(root):
+                folders |= {os.path.join(root, name, "checkpoints") for name in os.listdir(root)}
+        path = self.config["fit"].get("ckpt_path")
+        if path and os.path.isfile(str(path)):
+            folders.add(os.path.dirname(os.path.abspath(str(path))))
+        for folder in sorted(folders):
+            remove_stale_temporaries(folder)
 
 
 def _check_bounded(trainer: Any) -> None:
@@ -182,7 +282,13 @@ def entry_point() -> None:
     """The ``cppo`` console script: like :func:`main`, returning nothing (a returned object would
     become the process's exit status). ``cppo export CKPT OUT`` writes a standalone Hugging Face
     checkpoint (:mod:`cppo_lightning.export`); ``cppo evaluate MODEL --eval SET ...`` scores a
-    model on evaluation sets (:mod:`cppo_lightning.evaluation.command`)."""
+    model on evaluation sets (:mod:`cppo_lightning.evaluation.command`).
+
+    A setting refused before training starts (:func:`is_configuration_error`: e.g. a negative
+    ``model.kl_coef``, a train split smaller than one batch) is printed alone, without the
+    traceback, and the exit status is 2, as for the parser's own errors. Set
+    ``CPPO_TRACEBACK=1`` to see the traceback.
+    """
     if sys.argv[1:2] == ["export"]:
         from cppo_lightning.export import main as export_main
 
@@ -193,7 +299,37 @@ def entry_point() -> None:
 
         evaluate_main(sys.argv[2:])
         return
-    main()
+    try:
+        main()
+    except ValueError as error:
+        if not is_configuration_error(error) or os.environ.get("CPPO_TRACEBACK"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def is_configuration_error(error: BaseException) -> bool:
+    """Whether ``error`` is this project refusing a setting before training starts, rather than a
+    bug: a :class:`ConfigError`, or a ``ValueError`` raised by a ``raise`` statement of this
+    package (a constructor's or a setup hook's check) before Lightning ran its first step or
+    validation (``Trainer._run_stage``). A ValueError from torch, transformers or Python itself
+    (e.g. an unpacking error) keeps its traceback."""
+    frames: list[TracebackType] = []
+    tb = error.__traceback__
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    if any(frame.tb_frame.f_code.co_name == "_run_stage" for frame in frames):
+        return False  # raised while training or validating
+    if isinstance(error, ConfigError):
+        return True
+    if not frames:
+        return False
+    last = frames[-1]
+    package = os.path.dirname(os.path.abspath(__file__))
+    filename = os.path.abspath(last.tb_frame.f_code.co_filename)
+    line = linecache.getline(filename, last.tb_lineno).strip()
+    return filename.startswith(package + os.sep) and line.startswith("raise ")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cppo_lightning.checkpoints import UnreadableCheckpoint, load_checkpoint_file
+from cppo_lightning.checkpoints import UnreadableCheckpoint, current_umask, load_checkpoint_file
 from cppo_lightning.module import CPPOModule
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -98,10 +100,27 @@ def export_checkpoint(
             "its contents."
         )
     module = load_fit_checkpoint(checkpoint, dtype)
+    write_folder(output, lambda staging: module.save_pretrained(str(staging)))
+    return output
+
+
+def write_folder(output: str | Path, write: Callable[[Path], None]) -> Path:
+    """Have ``write`` fill a temporary folder next to ``output``, then rename it into place:
+    ``output`` is whole or absent (or, when it was there before, the old one until the new one
+    is complete). A ``write`` that fails (e.g. the disk fills) leaves neither ``output`` nor the
+    temporary folder. The folder and what is in it get the permissions of any folder and file
+    this process creates (``0o777`` and ``0o666`` less the umask), not ``mkdtemp``'s private
+    ``0o700`` (nor the ``0o600`` transformers gives ``model.safetensors``)."""
+    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        module.save_pretrained(str(staging))
+        write(staging)
+        umask = current_umask()
+        for folder, _, files in os.walk(staging):
+            os.chmod(folder, 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~umask)
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
             output.rename(old / output.name)

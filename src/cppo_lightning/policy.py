@@ -158,18 +158,60 @@ def load_policy(
     return model
 
 
+# The video processor a stock Qwen-VL processor loads next to its image processor (through
+# torchvision): named in an export so that `AutoProcessor` builds the stock processor.
+STOCK_VIDEO_PROCESSORS = {
+    "Qwen2VLProcessor": "Qwen2VLVideoProcessor",
+    "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
+    "Qwen3VLProcessor": "Qwen3VLVideoProcessor",
+}
+# Image-processor settings a Qwen-VL video processor shares (frame sizes and sampling keep the
+# video processor's defaults).
+_SHARED_VIDEO_SETTINGS = (
+    "do_convert_rgb",
+    "do_normalize",
+    "do_rescale",
+    "do_resize",
+    "image_mean",
+    "image_std",
+    "merge_size",
+    "patch_size",
+    "resample",
+    "rescale_factor",
+    "temporal_patch_size",
+)
+
+
 def save_processor(processor: ProcessorMixin, directory: str) -> None:
     """``save_pretrained`` the processor under its transformers class name: the image-only
     subclasses of :mod:`cppo_lightning.families` are recorded as the stock class they derive
-    from, so ``AutoProcessor`` loads the files without this package."""
+    from, with the stock video processor that class loads (its settings shared with the image
+    processor), so ``AutoProcessor`` loads the files without this package, as it loads the
+    original model's. Like the original's, that needs torchvision (for the video processor);
+    without it, :func:`load_processor` loads the files image-only."""
     processor.save_pretrained(directory)
     stock = next(
         cls.__name__ for cls in type(processor).__mro__ if cls.__module__.startswith("transformers")
     )
     for path in Path(directory).glob("*.json"):
         data = json.loads(path.read_text())
-        if isinstance(data, dict) and data.get("processor_class") not in (None, stock):
+        if not isinstance(data, dict):
+            continue
+        changed = data.get("processor_class") not in (None, stock)
+        if changed:
             data["processor_class"] = stock
+        image = data.get("image_processor")
+        video = STOCK_VIDEO_PROCESSORS.get(stock)
+        if (
+            path.name == "processor_config.json"
+            and isinstance(image, dict)
+            and video is not None
+            and "video_processor" not in data
+        ):
+            shared = {key: image[key] for key in _SHARED_VIDEO_SETTINGS if key in image}
+            data["video_processor"] = {**shared, "video_processor_type": video}
+            changed = True
+        if changed:
             path.write_text(json.dumps(data, indent=2) + "\n")
 
 

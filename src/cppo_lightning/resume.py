@@ -26,9 +26,16 @@ from typing import Any
 import torch
 
 from cppo_lightning.checkpoints import UnreadableCheckpoint, load_checkpoint_file
+from cppo_lightning.errors import ConfigError
 
-# Checkpoint paths Lightning resolves itself (``trainer.fit(ckpt_path="last")``).
+# Checkpoint paths Lightning resolves itself (``trainer.fit(ckpt_path="last")``); ``cppo`` finds
+# "last" itself (:func:`find_last_checkpoint`).
 SPECIAL_PATHS = ("last", "best", "hpc", "registry")
+
+# What marks a folder as one sharded checkpoint: FSDP's and ModelParallel's ``meta.pt`` (and
+# torch.distributed.checkpoint's ``.metadata``), DeepSpeed's ``checkpoint/`` folder.
+SHARDED_FILES = ("meta.pt", ".metadata")
+SHARDED_FOLDERS = ("checkpoint",)
 
 # Settings that decide which weights (and optimizer state) a checkpoint holds: resuming with
 # another value is refused. LoRA's alpha and dropout only scale and regularise the same weights.
@@ -36,7 +43,7 @@ FIXED_SETTINGS = ("model_name_or_path", "dtype", "freeze_vision_tower", "freeze_
 FIXED_LORA_SETTINGS = ("r", "target_modules", "exclude_modules", "adapt_vision")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A ``--ckpt_path`` that cannot be resumed from, or settings that cannot change on resume."""
 
 
@@ -52,11 +59,69 @@ class Change:
         return f"{self.key} = {self.given!r} (the checkpoint's run had {self.stored!r})"
 
 
+def is_sharded_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a folder that holds one sharded checkpoint (DeepSpeed, sharded FSDP),
+    which Lightning loads as a whole."""
+    return os.path.isdir(path) and (
+        any(os.path.isfile(os.path.join(path, name)) for name in SHARDED_FILES)
+        or any(os.path.isdir(os.path.join(path, name)) for name in SHARDED_FOLDERS)
+    )
+
+
+def _folder_error(path: str) -> CheckpointError:
+    """The refusal of a ``--ckpt_path`` folder that is not a sharded checkpoint, listing the
+    ``.ckpt`` files under it (newest first)."""
+    found = []
+    for folder, _, names in os.walk(path):
+        found += [os.path.join(folder, name) for name in names if name.endswith(".ckpt")]
+    found.sort(key=lambda file: (-os.path.getmtime(file), file))
+    listed = ", ".join(os.path.relpath(file, path) for file in found[:8])
+    if len(found) > 8:
+        listed += f" ({len(found) - 8} more)"
+    holds = f"its .ckpt files: {listed}" if found else "it holds no .ckpt file"
+    return CheckpointError(
+        f"--ckpt_path {path}: a folder, not a checkpoint file (nor a sharded checkpoint: no "
+        f"{' or '.join((*SHARDED_FILES, *(f + '/' for f in SHARDED_FOLDERS)))} in it); "
+        f"{holds}. Pass one file, e.g. --ckpt_path "
+        f"{os.path.join(path, os.path.relpath(found[0], path)) if found else '<file>.ckpt'}."
+    )
+
+
+def find_last_checkpoint(
+    root_dir: str, logger_name: str | None = "lightning_logs", dirpaths: tuple[str, ...] = ()
+) -> str | None:
+    """The ``last.ckpt`` that ``--ckpt_path last`` means: in a configured checkpoint folder
+    (``dirpaths``), else in the newest ``version_N`` folder under ``root_dir/logger_name`` that
+    has one, else in ``root_dir/checkpoints`` (a run without a logger); None if there is none.
+
+    Lightning looks only in the new run's own (empty) version folder, warns, and trains from
+    step 0."""
+    for folder in dirpaths:
+        if os.path.isfile(os.path.join(folder, "last.ckpt")):
+            return os.path.join(folder, "last.ckpt")
+    if logger_name is not None:
+        logs = os.path.join(root_dir, logger_name) if logger_name else root_dir
+        versions = []
+        if os.path.isdir(logs):
+            for name in os.listdir(logs):
+                number = name.removeprefix("version_")
+                if name.startswith("version_") and number.isdigit():
+                    versions.append((int(number), name))
+        for _, name in sorted(versions, reverse=True):
+            candidate = os.path.join(logs, name, "checkpoints", "last.ckpt")
+            if os.path.isfile(candidate):
+                return candidate
+    candidate = os.path.join(root_dir, "checkpoints", "last.ckpt")
+    return candidate if os.path.isfile(candidate) else None
+
+
 def read_checkpoint(path: str, subcommand: str) -> dict[str, Any]:
     """Load the checkpoint file ``path`` on the CPU, refusing with the file's name (and what to do)
-    a missing file, one that does not load (truncated, corrupt, not written by ``torch.save``) and
-    one that is not a checkpoint of ``cppo fit``. ``fit`` also needs the training state that a
-    weights-only checkpoint lacks."""
+    a missing file, a folder (listing the checkpoints in it), one that does not load (truncated,
+    corrupt, not written by ``torch.save``) and one that is not a checkpoint of ``cppo fit``.
+    ``fit`` also needs the training state that a weights-only checkpoint lacks."""
+    if os.path.isdir(path):
+        raise _folder_error(path)
     if not os.path.isfile(path):
         raise CheckpointError(
             f"--ckpt_path {path}: no such file. Pass a .ckpt file written by cppo fit (its "

@@ -55,6 +55,8 @@ def test_cppo_trains_under_ddp_on_two_cpu_processes(tmp_path, extra):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=2` reached." in result.stderr + result.stdout
     assert list(tmp_path.rglob("hf_policy/config.json")), "rank 0 did not export the policy"
+    # Rank 0 claimed one version folder; the rank its launcher started wrote into the same one.
+    assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
     # Gradients are averaged over ranks, so both hold the same weights after the updates.
     sums = [(tmp_path / "checksums" / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert sums[0] == sums[1], sums

@@ -1,10 +1,15 @@
 """Checkpoint files are whole or absent: a write that fails half way leaves no file under the
 checkpoint's name (an older one stays as it was) and no temporary file; too little free space is
-refused before writing, naming the sizes."""
+refused before writing, naming the sizes; a temporary left by a killed writer is removed on the
+next start."""
 
 from __future__ import annotations
 
 import os
+import re
+import socket
+import subprocess
+import sys
 from collections import namedtuple
 
 import pytest
@@ -88,3 +93,44 @@ def test_the_cli_trainer_writes_through_it_and_its_checkpoints_load(tmp_path):
 
 def _ckpts(root):
     return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".ckpt")]
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _temporary(folder, pid: int, host: str | None = None) -> str:
+    """A temporary as the writer names it (`.<name>.<pid>@<host>.<random>.tmp`)."""
+    host = host or re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+    path = os.path.join(folder, f".last.ckpt.{pid}@{host}.k2x8_q0a.tmp")
+    with open(path, "wb") as file:
+        file.write(b"half a checkpoint")
+    return os.path.basename(path)
+
+
+def test_a_killed_writers_temporary_is_removed_when_the_folder_is_written_again(tmp_path):
+    """Promise: a temporary left by a process killed while writing a checkpoint is removed the
+    next time a checkpoint is written to its folder; a live process's temporary (it is being
+    written) and one from another host (its process cannot be checked) stay. It stayed forever,
+    a checkpoint's size each."""
+    dead = _temporary(tmp_path, _dead_pid())
+    live = _temporary(tmp_path, os.getppid())
+    elsewhere = _temporary(tmp_path, _dead_pid(), host="another-host")
+    AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(2)}, tmp_path / "last.ckpt")
+    names = set(os.listdir(tmp_path))
+    assert dead not in names
+    assert {live, elsewhere, "last.ckpt"} <= names
+
+
+def test_a_new_run_removes_the_temporaries_killed_runs_left_in_its_root(tmp_path):
+    """Promise: `cppo fit` removes, at start, the temporaries that killed runs left in the
+    checkpoint folders of its root (a new or resumed run writes into a version folder of its
+    own, so its writer never visits the old ones)."""
+    old = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    old.mkdir(parents=True)
+    dead = _temporary(old, _dead_pid())
+    main(fit_args(tmp_path, steps=1))
+    assert dead not in os.listdir(old)

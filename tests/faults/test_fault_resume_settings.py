@@ -5,6 +5,7 @@ by name before any model loads."""
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -144,12 +145,61 @@ def test_a_weights_only_checkpoint_is_refused_for_fit(tmp_path, uninterrupted, c
     assert "a weights-only checkpoint" in message
 
 
-def test_a_sharded_checkpoint_folder_is_left_to_lightning(tmp_path):
-    """A --ckpt_path folder (DeepSpeed, sharded FSDP) has no single file to read: the settings
-    check passes it through instead of calling it missing."""
+@pytest.mark.parametrize("marker", ["meta.pt", ".metadata", "checkpoint/"])
+def test_a_sharded_checkpoint_folder_is_left_to_lightning(tmp_path, marker):
+    """A --ckpt_path folder that is one sharded checkpoint (FSDP's and ModelParallel's meta.pt,
+    torch.distributed.checkpoint's .metadata, DeepSpeed's checkpoint/) has no single file to read:
+    the settings check passes it through instead of refusing it."""
     from types import SimpleNamespace
 
     from cppo_lightning.cli import CPPOCLI
 
+    if marker.endswith("/"):
+        (tmp_path / marker).mkdir()
+    else:
+        (tmp_path / marker).write_bytes(b"")
     cli = SimpleNamespace(config={"subcommand": "fit", "fit": {"ckpt_path": str(tmp_path)}})
     CPPOCLI._parse_ckpt_path(cli)  # type: ignore[arg-type]
+
+
+def test_a_folder_of_checkpoints_is_refused_listing_them(tmp_path, uninterrupted, capsys):
+    """Promise: a --ckpt_path folder that is not a sharded checkpoint (e.g. a run's checkpoints/)
+    is refused at parse time, before any model loads, listing the .ckpt files in it. It passed
+    the checks and failed with IsADirectoryError after loading the data and the model."""
+    folder = _checkpoint(uninterrupted).parent
+    message = _refusal(capsys, *fit_args(tmp_path, f"--ckpt_path={folder}"))
+    assert f"--ckpt_path {folder}: a folder, not a checkpoint file" in message
+    assert "step=1.ckpt" in message and "step=5.ckpt" in message
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def _copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True)
+    shutil.copyfile(source, target)
+
+
+def test_ckpt_path_last_resumes_from_the_newest_version_folders_last_ckpt(
+    tmp_path, uninterrupted, caplog
+):
+    """Promise: `--ckpt_path last` resumes from last.ckpt of the newest version folder that has
+    one under trainer.default_root_dir, and names it. Lightning looked only in the new run's own
+    (empty) version folder, warned, and trained from step 0 (exit 0)."""
+    logs = tmp_path / "lightning_logs"
+    _copy(_checkpoint(uninterrupted, 1), logs / "version_0" / "checkpoints" / "last.ckpt")
+    newest = logs / "version_1" / "checkpoints" / "last.ckpt"
+    _copy(_checkpoint(uninterrupted, 2), newest)
+    (logs / "version_2" / "checkpoints").mkdir(parents=True)  # a run that saved nothing
+    with caplog.at_level("INFO"):
+        cli = main(fit_args(tmp_path, "--ckpt_path=last", steps=3))
+    assert f"--ckpt_path last: {newest}" in caplog.text
+    assert cli.trainer.ckpt_path == str(newest)
+    assert cli.trainer.global_step == 3
+
+
+def test_ckpt_path_last_without_a_last_ckpt_is_refused(tmp_path, capsys):
+    """Promise: `--ckpt_path last` when no version folder under trainer.default_root_dir holds a
+    last.ckpt is refused at parse time, naming where it looked, instead of training from step 0."""
+    (tmp_path / "lightning_logs" / "version_0" / "checkpoints").mkdir(parents=True)
+    message = _refusal(capsys, *fit_args(tmp_path, "--ckpt_path=last"))
+    assert "--ckpt_path last: no last.ckpt in" in message
+    assert str(tmp_path / "lightning_logs") in message

@@ -10,8 +10,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from cppo_lightning.module import CPPOModule
 
 
+class ExportFailed(RuntimeError):
+    """The end-of-fit export could not be written (e.g. the disk filled); nothing was left under
+    its name, and the checkpoints are as the run saved them."""
+
+
 class ExportPolicy(pl.Callback):
     """Writes the policy (LoRA merged) and its processor with ``save_pretrained`` when fit ends.
+
+    The export is written to a temporary folder next to its target and renamed into place
+    (:func:`cppo_lightning.export.write_folder`): a write that fails half way (a full disk) leaves
+    no half-written ``hf_policy/``, and the run ends with :class:`ExportFailed`, which says how to
+    export the last checkpoint instead. It is raised when fit ends (``on_fit_end``), after the
+    checkpoint callbacks (which Lightning calls after this one) have saved ``last.ckpt``.
 
     Args:
         dirname: Folder, relative to the trainer's log directory unless absolute.
@@ -19,8 +30,11 @@ class ExportPolicy(pl.Callback):
 
     def __init__(self, dirname: str = "hf_policy") -> None:
         self.dirname = dirname
+        self._failure: tuple[str, BaseException | None] | None = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from cppo_lightning.export import write_folder
+
         if not isinstance(pl_module, CPPOModule):
             return
         if pl_module.sharded:
@@ -31,9 +45,31 @@ class ExportPolicy(pl.Callback):
             )
             return
         # Every rank reads log_dir (a broadcast); rank 0 writes.
+        log_dir = trainer.log_dir or trainer.default_root_dir
         target = self.dirname
         if not os.path.isabs(target):
-            target = os.path.join(trainer.log_dir or trainer.default_root_dir, target)
+            target = os.path.join(log_dir, target)
+        failure, cause = None, None
         if trainer.is_global_zero:
-            pl_module.save_pretrained(target)
-        trainer.strategy.barrier("export")
+            try:
+                write_folder(target, lambda staging: pl_module.save_pretrained(str(staging)))
+            except Exception as error:  # every rank must hear of it, so it is raised below
+                last = getattr(trainer.checkpoint_callback, "last_model_path", "") or os.path.join(
+                    log_dir, "checkpoints", "last.ckpt"
+                )
+                failure, cause = (
+                    (
+                        f"ExportPolicy: writing {target} failed ({type(error).__name__}: {error}); "
+                        "nothing was left under that name. The run's checkpoints are whole: free "
+                        f"space, then export one with `cppo export {last} {target}`."
+                    ),
+                    error,
+                )
+        # A broadcast instead of a barrier: every rank learns of a failure, to stop with it.
+        failure = trainer.strategy.broadcast(failure)
+        self._failure = None if failure is None else (failure, cause)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._failure is not None:
+            (message, cause), self._failure = self._failure, None
+            raise ExportFailed(message) from cause
