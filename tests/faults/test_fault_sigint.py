@@ -13,6 +13,16 @@ from cppo_lightning.cli import main
 from tests.helpers.runs import fit_args, run_recorded
 
 
+@pytest.fixture(autouse=True)
+def _sigint_as_in_a_terminal():
+    """Python's own SIGINT handler, as an interactive run has it: under nohup, or as a background
+    job of a non-interactive shell (how CI may start the suite), SIGINT arrives ignored, and the
+    project then keeps ignoring it on purpose."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize(
     "signal_callback",
     ["tests.helpers.signals.SigintAt", "tests.helpers.signals.SigintInValidation"],
