@@ -127,10 +127,9 @@ class CPPOCLI(LightningCLI):
             init = logger.get("init_args") or {}
             root = str(init.get("save_dir") or root)
             name = init.get("name", name)
-        callbacks = trainer.get("callbacks") or []
         dirpaths = tuple(
             str(cb["init_args"]["dirpath"])
-            for cb in (callbacks if isinstance(callbacks, list) else [callbacks])
+            for cb in _callbacks(trainer)
             if hasattr(cb, "get") and (cb.get("init_args") or {}).get("dirpath")
         )
         found = find_last_checkpoint(root, name, dirpaths)
@@ -218,6 +217,12 @@ def _check_bounded(trainer: Any) -> None:
         )
 
 
+def _callbacks(trainer_config: Any) -> list[Any]:
+    """``trainer.callbacks`` as a list (the config may hold one callback, a list, or none)."""
+    callbacks = trainer_config.get("callbacks") or []
+    return callbacks if isinstance(callbacks, list) else [callbacks]
+
+
 def _wants_default_progress_bar(trainer_config: dict[str, Any]) -> bool:
     """The bar counts optimizer steps (:class:`RunProgressBar`) unless the config turns the bar
     off or lists a progress bar of its own."""
@@ -225,10 +230,7 @@ def _wants_default_progress_bar(trainer_config: dict[str, Any]) -> bool:
 
     if trainer_config.get("enable_progress_bar") is False:
         return False
-    callbacks = trainer_config.get("callbacks") or []
-    if not isinstance(callbacks, list):
-        callbacks = [callbacks]
-    return not any(isinstance(cb, ProgressBar) for cb in callbacks)
+    return not any(isinstance(cb, ProgressBar) for cb in _callbacks(trainer_config))
 
 
 def _leave_out_checkpoints(trainer_config: dict[str, Any]) -> None:
@@ -237,9 +239,7 @@ def _leave_out_checkpoints(trainer_config: dict[str, Any]) -> None:
     said so, instead of Lightning refusing the combination."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    callbacks = trainer_config.get("callbacks") or []
-    if not isinstance(callbacks, list):
-        callbacks = [callbacks]
+    callbacks = _callbacks(trainer_config)
     kept = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
     if len(kept) < len(callbacks):
         rank_zero_info(
