@@ -22,6 +22,7 @@ from cppo_lightning.checkpoints import gather_rng_states, restore_rng_states
 from cppo_lightning.detection import TokenSelector
 from cppo_lightning.logprobs import Scoring
 from cppo_lightning.losses.grpo import check_clip_settings
+from cppo_lightning.methods import ClippedTokenRatio
 from cppo_lightning.perception import (
     PerceptionObjective,
 )
@@ -39,6 +40,7 @@ from cppo_lightning.records import PromptBatch, RolloutBatch, UpdateRecord
 from cppo_lightning.resume import apply_configured_optimizer_settings, configured_optimizer_settings
 from cppo_lightning.rewards import WeightedReward
 from cppo_lightning.rollout import HFGenerate, RolloutEngine, Sampling, collect_rollouts
+from cppo_lightning.seams import AdvantageTransform, LossTerm, PolicyLoss, TokenWeighting
 from cppo_lightning.update import PolicyUpdate, is_fsdp
 from cppo_lightning.validation import HeldOutValidation
 
@@ -78,6 +80,15 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
         reward: Reward terms and weights; the paper's 0.9 accuracy + 0.1 format when None.
         perception_loss: Auxiliary loss on image views: :class:`ContrastivePerception` (CPPO),
             :class:`ImplicitPerception` (PAPO), or None for plain GRPO.
+        advantage: Seam: a transform of each mini-batch's group advantages (VPPO's trajectory
+            shaping); None keeps them (:mod:`cppo_lightning.seams`, ``docs/methods.md``).
+        token_weighting: Seam: which tokens carry the policy gradient (high-entropy tokens,
+            VPPO's dependent tokens, DAPO's truncated responses); None: every valid token.
+        policy_loss: Seam: the surrogate and its importance ratio; None is GRPO's token-level
+            clipped ratio from ``clip_low``, ``clip_high`` and ``dual_clip``
+            (:class:`~cppo_lightning.methods.ClippedTokenRatio`); GSPO's sequence-level ratio
+            carries its own clip range.
+        extra_losses: Seam: further terms added to every micro-batch loss (entropy terms).
         group_size: G, responses per prompt. Linked from ``rollout.group_size``.
         temperature: Sampling temperature; log-probs are computed from ``logits / temperature``
             as in the sampler. Linked from ``rollout.temperature``.
@@ -132,6 +143,10 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
         lora: LoraSettings | None = None,
         reward: WeightedReward | None = None,
         perception_loss: PerceptionObjective | None = None,
+        advantage: AdvantageTransform | None = None,
+        token_weighting: TokenWeighting | None = None,
+        policy_loss: PolicyLoss | None = None,
+        extra_losses: list[LossTerm] | None = None,
         group_size: int = 4,
         temperature: float = 1.0,
         mini_batch_size: int | None = None,
@@ -169,12 +184,30 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
                 f"temperature (rollout.temperature) must be > 0 for sampling, got {temperature}."
             )
         check_clip_settings(clip_low, clip_high, dual_clip, prefix="model.")
+        if policy_loss is not None and (clip_low, clip_high, dual_clip) != (0.2, 0.2, 3.0):
+            raise ValueError(
+                f"model.clip_low/clip_high/dual_clip ({clip_low}, {clip_high}, {dual_clip}) "
+                f"configure the default token-level ratio, but model.policy_loss is "
+                f"{type(policy_loss).__name__}: set the clip range in model.policy_loss.init_args "
+                "and leave model.clip_low, clip_high and dual_clip at their defaults."
+            )
         if kl_coef < 0.0:
             raise ValueError(
                 f"model.kl_coef must be >= 0 (0 turns the KL term off), got {kl_coef}: a negative "
                 "weight would reward moving away from the reference."
             )
-        self.save_hyperparameters(ignore=["reward", "perception_loss", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(
+            ignore=[
+                "reward",
+                "perception_loss",
+                "advantage",
+                "token_weighting",
+                "policy_loss",
+                "extra_losses",
+                "optimizer",
+                "lr_scheduler",
+            ]
+        )
         self.model_name_or_path = model_name_or_path
         self.dtype_name = dtype
         self.attn_implementation = attn_implementation
@@ -185,6 +218,15 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
         self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.reward = reward if reward is not None else WeightedReward()
         self.perception_loss = perception_loss
+        # The method's components at the seams of cppo_lightning.seams.
+        self.advantage = advantage
+        self.token_weighting = token_weighting
+        self.policy_loss: PolicyLoss = (
+            policy_loss
+            if policy_loss is not None
+            else ClippedTokenRatio(clip_low, clip_high, dual_clip)
+        )
+        self.extra_losses = list(extra_losses or [])
         # Set by the perception_tokens and cpl_weight callbacks (CPPO only).
         self.token_selector: TokenSelector | None = None
         self.cpl_weight: float | None = None
@@ -351,19 +393,30 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
             rank_zero_info(f"resume: {change}")
 
     def _check_perception_setup(self) -> None:
+        views = getattr(getattr(self.trainer, "datamodule", None), "view_names", None)
+        components = {
+            "perception_loss": self.perception_loss,
+            "advantage": self.advantage,
+            "token_weighting": self.token_weighting,
+            "policy_loss": self.policy_loss,
+            **{f"extra_losses[{i}]": term for i, term in enumerate(self.extra_losses)},
+        }
+        for key, component in components.items():
+            needed = tuple(getattr(component, "views", ()))
+            if "removed_logp" in getattr(component, "needs", ()):
+                needed += ("removing",)
+            missing = sorted({v for v in needed if views is not None and v not in views})
+            if missing:
+                raise ValueError(
+                    f"model.{key}={type(component).__name__} needs the "
+                    f"{' and '.join(missing)} view(s): set "
+                    f"{', '.join(f'data.{v}_view' for v in missing)} (see configs/base.yaml and "
+                    "configs/perturbations/)."
+                )
         objective = self.perception_loss
         if objective is None:
             return
         name = type(objective).__name__
-        views = getattr(getattr(self.trainer, "datamodule", None), "view_names", None)
-        missing = [v for v in objective.views if views is not None and v not in views]
-        if missing:
-            raise ValueError(
-                f"model.perception_loss={name} needs the "
-                f"{' and '.join(missing)} view(s): set "
-                f"{', '.join(f'data.{v}_view' for v in missing)} (see configs/base.yaml and "
-                "configs/perturbations/)."
-            )
         if objective.selects_tokens and (self.token_selector is None or self.cpl_weight is None):
             raise ValueError(
                 f"model.perception_loss={name} needs the perception_tokens and cpl_weight "

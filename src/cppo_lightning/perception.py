@@ -42,6 +42,9 @@ class MicroBatch:
             to detect them here from the update-time forwards.
         loss_agg: Token aggregation of the policy loss (PAPO aggregates the same way).
         agg_constant: The Dr. GRPO normaliser.
+        rollout: The micro-batch's responses as a :class:`RolloutBatch` (every per-response
+            field, e.g. ``old_logp``, ``removed_logp``, ``truncated``, cut to ``[n, L]``), for
+            the components of :mod:`cppo_lightning.seams`.
     """
 
     scores: ResponseScores
@@ -53,6 +56,7 @@ class MicroBatch:
     perception_mask: Tensor | None = None
     loss_agg: str = "token-mean"
     agg_constant: float | None = None
+    rollout: RolloutBatch | None = None
 
 
 def micro_batch(
@@ -67,14 +71,14 @@ def micro_batch(
     """The :class:`MicroBatch` of responses ``index`` of ``rollout``, whose original-image
     ``scores`` and ``logp`` the policy loss has just computed."""
     views = rollout.prompts.views
-    if views is None:
-        raise ValueError(
-            "this batch carries no image views, which model.perception_loss needs: set "
-            "data.preserving_view / data.removing_view (configs/base.yaml has them)."
-        )
     assert rollout.advantages is not None
 
     def view_scores(view: str, rows: Tensor) -> ResponseScores:
+        if views is None:
+            raise ValueError(
+                "this batch carries no image views, which model.perception_loss needs: set "
+                "data.preserving_view / data.removing_view (configs/base.yaml has them)."
+            )
         picked = index[rows]
         return score_responses(
             policy,
@@ -98,6 +102,7 @@ def micro_batch(
         ),
         loss_agg=loss_agg,
         agg_constant=agg_constant,
+        rollout=rollout.take(index) if len(index) != rollout.num_responses else rollout,
     )
 
 

@@ -138,11 +138,19 @@ class RolloutBatch:
         rollout_seconds: Wall-clock time spent generating and scoring.
         sampler_logp: ``[N, L]`` each token's log-prob under the distribution the sampler drew
             it from (0 on padding), for ``rollout/logp_mismatch``; None if the engine gives none.
-        advantages: ``[N]`` group-normalised advantages.
+        advantages: ``[N]`` group-normalised advantages (``[N, L]`` after a per-token
+            :class:`~cppo_lightning.seams.AdvantageTransform`).
         old_logp: ``[N, L]`` log-probs of the sampled tokens under the policy before the update.
         ref_logp: ``[N, L]`` the same under the frozen reference (None when the KL is off).
         perception_mask: ``[N, L]`` perception tokens detected with the rollout-time policy,
             before advantage gating (None when detection runs inside the update).
+        removed_logp: ``[N, L]`` log-probs of the sampled tokens under the rollout-time policy
+            with the information-removing view (a component's ``needs``, e.g. VPPO's masked
+            image), or None.
+        truncated: ``[N]`` bool, True where a response hit ``max_new_tokens`` without an
+            end-of-sequence token, or None when the rollout did not record it.
+        generated_from: ``[N]`` int, which part of a :class:`~cppo_lightning.seams.RolloutView`
+            each response was sampled from (0 = the first part), or None without a view.
     """
 
     prompts: PromptBatch
@@ -159,6 +167,9 @@ class RolloutBatch:
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     perception_mask: torch.Tensor | None = None
+    removed_logp: torch.Tensor | None = None
+    truncated: torch.Tensor | None = None
+    generated_from: torch.Tensor | None = None
 
     @property
     def num_responses(self) -> int:
@@ -184,10 +195,19 @@ class RolloutBatch:
             rewards=self.rewards[index],
             reward_terms={k: v[index] for k, v in self.reward_terms.items()},
             sampler_logp=cut(self.sampler_logp),
-            advantages=self.advantages[index] if self.advantages is not None else None,
+            advantages=(
+                None
+                if self.advantages is None
+                else cut(self.advantages)  # per token [N, L]
+                if self.advantages.dim() == 2
+                else self.advantages[index]
+            ),
             old_logp=cut(self.old_logp),
             ref_logp=cut(self.ref_logp),
             perception_mask=cut(self.perception_mask),
+            removed_logp=cut(self.removed_logp),
+            truncated=self.truncated[index] if self.truncated is not None else None,
+            generated_from=self.generated_from[index] if self.generated_from is not None else None,
         )
 
 

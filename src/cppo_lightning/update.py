@@ -39,7 +39,6 @@ from cppo_lightning.losses import (
     global_std,
     group_advantages,
     kl_estimate,
-    policy_loss,
 )
 from cppo_lightning.perception import (
     PerceptionObjective,
@@ -50,6 +49,7 @@ from cppo_lightning.perception import (
 from cppo_lightning.records import PromptBatch, RolloutBatch, UpdateRecord, pad_columns
 from cppo_lightning.rewards import WeightedReward
 from cppo_lightning.rollout import rollout_metrics
+from cppo_lightning.seams import AdvantageTransform, LossTerm, PolicyLoss, TokenWeighting
 
 __all__ = ["PolicyUpdate", "is_fsdp"]
 
@@ -92,6 +92,10 @@ class PolicyUpdate(LightningModule):
     reference: torch.nn.Module | None
     reward: WeightedReward
     perception_loss: PerceptionObjective | None
+    advantage: AdvantageTransform | None
+    token_weighting: TokenWeighting | None
+    policy_loss: PolicyLoss
+    extra_losses: list[LossTerm]
     token_selector: TokenSelector | None
     cpl_weight: float | None
     last_update: UpdateRecord | None
@@ -171,10 +175,11 @@ class PolicyUpdate(LightningModule):
         chunks = self._micro_batches(
             rollout, torch.arange(rollout.num_responses, device=self.device)
         )
-        old_logp = ref_logp = None
-        if len(self._mini_batches(rollout)) > 1:
-            assert self.policy is not None
-            policy = self.policy
+        old_logp = ref_logp = removed_logp = None
+        needs = self.component_needs
+        assert self.policy is not None
+        policy = self.policy
+        if len(self._mini_batches(rollout)) > 1 or "old_logp" in needs:
             old_logp = self._per_response(
                 rollout, chunks, lambda part: self.sequence_logps(policy, part, _all(part))
             )
@@ -182,9 +187,32 @@ class PolicyUpdate(LightningModule):
             ref_logp = self._per_response(
                 rollout, chunks, lambda part: self._reference_logps(part, _all(part))
             )
+        if "removed_logp" in needs:
+            views = rollout.prompts.views
+            if views is None:
+                raise ValueError(
+                    "a component needs the information-removing view: set data.removing_view."
+                )
+            removed = views.vision("removing")
+            removed_logp = self._per_response(
+                rollout,
+                chunks,
+                lambda part: self.score(policy, part, _all(part), removed).logps(),
+            )
         return dataclasses.replace(
-            rollout, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp
+            rollout,
+            advantages=advantages,
+            old_logp=old_logp,
+            ref_logp=ref_logp,
+            removed_logp=removed_logp,
         )
+
+    @property
+    def component_needs(self) -> frozenset[str]:
+        """What the method's components ask :meth:`prepare_update` for (see
+        :data:`cppo_lightning.seams.NEEDS`)."""
+        components = [self.advantage, self.token_weighting, self.policy_loss, *self.extra_losses]
+        return frozenset().union(*(c.needs for c in components if c is not None))
 
     def _global_reward_std(self, rollout: RolloutBatch) -> torch.Tensor | None:
         """The std of the rewards of the whole batch, all ranks together (``advantage_scale:
@@ -240,7 +268,8 @@ class PolicyUpdate(LightningModule):
     def compute_loss(
         self, rollout: RolloutBatch, index: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], PerceptionTerm | None]:
-        """Loss of one micro-batch: clipped surrogate + beta * KL + the perception term.
+        """Loss of one micro-batch: the policy loss on the weighted tokens + beta * KL + the
+        perception term + the extra loss terms (the seams of :mod:`cppo_lightning.seams`).
 
         Returns:
             The loss, detached statistics, and the perception term (its ``[n, L]`` selected
@@ -255,18 +284,37 @@ class PolicyUpdate(LightningModule):
         scores = self.score(self.policy, rollout, index)  # hidden [n, l, H]
         logp = scores.logps()  # [n, l]
         old_logp = rollout.old_logp if rollout.old_logp is not None else logp.detach()
-        loss, stats = policy_loss(
+        micro = None
+        if self.perception_loss is not None or self.token_weighting or self.extra_losses:
+            micro = micro_batch(
+                self.policy,
+                rollout,
+                index,
+                scores,
+                logp,
+                self.loss_agg,
+                self.max_new_tokens,
+            )
+        stats: dict[str, torch.Tensor] = {}
+        loss_mask, weight = mask, None
+        if self.token_weighting is not None:  # seam: which tokens carry the policy gradient
+            assert micro is not None
+            weight, token_stats = self.token_weighting(micro)  # [n, l]
+            stats.update({f"train/tokens/{k}": v for k, v in token_stats.items()})
+            if self.token_weighting.normalise == "selected":
+                loss_mask = mask.bool() & weight.bool()  # the mean runs over selected tokens
+                weight = None if weight.dtype == torch.bool else weight
+        # Seam: the surrogate and its importance ratio (token level unless model.policy_loss).
+        loss, loss_stats = self.policy_loss(
             logp,
             old_logp,
             rollout.advantages,
-            mask,
-            clip_low=self.clip_low,
-            clip_high=self.clip_high,
-            dual_clip=self.dual_clip,
+            loss_mask,
             agg=self.loss_agg,
             agg_constant=self.max_new_tokens,
+            weight=weight,
         )
-        stats = {f"train/{k}": v for k, v in stats.items()}
+        stats.update({f"train/{k}": v for k, v in loss_stats.items()})
         stats["train/policy_loss"] = loss.detach()
         if rollout.sampler_logp is not None:
             # old_logp is the training forward before any update of this rollout batch (with
@@ -285,16 +333,8 @@ class PolicyUpdate(LightningModule):
             loss = loss + self.kl_coef * kl
             stats["train/kl"] = kl.detach()
         term = None
-        if self.perception_loss is not None:
-            micro = micro_batch(
-                self.policy,
-                rollout,
-                index,
-                scores,
-                logp,
-                self.loss_agg,
-                self.max_new_tokens,
-            )
+        if self.perception_loss is not None:  # seam: an auxiliary loss on image views
+            assert micro is not None
             term = self.perception_loss(
                 micro,
                 self.token_selector,
@@ -312,6 +352,11 @@ class PolicyUpdate(LightningModule):
                 entropy=padded(term.entropy),
                 entropy_removed=padded(term.entropy_removed),
             )
+        for extra in self.extra_losses:  # seam: further loss terms
+            assert micro is not None
+            value, extra_stats = extra(micro)
+            loss = loss + value
+            stats.update({f"train/{extra.name}/{k}": v for k, v in extra_stats.items()})
         stats["train/loss"] = loss.detach()
         return loss, stats, term
 
@@ -384,6 +429,8 @@ class PolicyUpdate(LightningModule):
                 # multiple of the batch's otherwise (checked at fit start).
                 break
             optimizer.zero_grad()
+            if self.advantage is not None:  # seam: the mini-batch's advantages, transformed
+                rollout = self._transform_advantages(rollout, mini, sums)
             micros = self.accumulate_gradients(rollout, mini, sums, terms)
             count += micros
             grad_norm = self._clip_gradients()
@@ -412,6 +459,29 @@ class PolicyUpdate(LightningModule):
                 for f in _RECORDED
             ),
         )
+
+    def _transform_advantages(
+        self, rollout: RolloutBatch, mini: torch.Tensor, sums: dict[str, float]
+    ) -> RolloutBatch:
+        """The rollout batch with the advantages of mini-batch ``mini`` replaced by the
+        ``model.advantage`` component's (per token ``[N, L]`` as soon as one is)."""
+        assert self.advantage is not None and rollout.advantages is not None
+        new, stats = self.advantage(rollout, mini)  # [n] or [n, l]
+        advantages = rollout.advantages
+        if new.dim() == 2 and advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1).expand_as(rollout.response_mask)
+        advantages = advantages.clone()
+        if new.dim() == 2:
+            new = pad_columns(new, advantages.shape[1])
+        elif advantages.dim() == 2:
+            new = new.unsqueeze(1).expand(-1, advantages.shape[1])
+        advantages[mini] = new.to(advantages.dtype)
+        # Weighted like the micro-batch statistics, which count once per micro-batch.
+        count = len(self._micro_batches(rollout, mini))
+        for key, value in stats.items():
+            name = f"train/advantage/{key}"
+            sums[name] = sums.get(name, 0.0) + float(value) * count
+        return dataclasses.replace(rollout, advantages=advantages)
 
     def _reached_max_steps(self) -> bool:
         return self._trainer is not None and 0 < self.trainer.max_steps <= self.global_step

@@ -262,6 +262,7 @@ def policy_loss(
     dual_clip: float | None = 3.0,
     agg: str = "token-mean",
     agg_constant: float | None = None,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO/GRPO clipped surrogate with dual clip, aggregated over valid tokens.
 
@@ -286,6 +287,9 @@ def policy_loss(
         dual_clip: The cap ``c`` for negative advantages, > 1; None disables the dual clip.
         agg: Aggregation, see :func:`aggregate`.
         agg_constant: The ``constant`` of ``agg="seq-sum-constant"``.
+        weight: Per-token weights ``[N, L]`` the per-token losses are multiplied by before
+            aggregating over ``mask`` (a token weighting that keeps the full normaliser, see
+            :class:`cppo_lightning.seams.TokenWeighting`); None weighs every token 1.
 
     Returns:
         ``(loss, stats)``: the scalar loss, and detached scalars for logging, each a mean over
@@ -330,6 +334,12 @@ def policy_loss(
     else:
         dual_active = torch.zeros_like(per_token, dtype=torch.bool)  # [N, L]
 
+    if weight is not None:
+        if weight.shape != per_token.shape:
+            raise ValueError(
+                f"weight must be [N, L] = {tuple(per_token.shape)}, got {tuple(weight.shape)}."
+            )
+        per_token = per_token * weight.to(per_token.dtype)  # [N, L]
     loss = aggregate(per_token, mask, agg=agg, constant=agg_constant)
 
     with torch.no_grad():
