@@ -46,6 +46,14 @@ OWN_COMMANDS = {
     "(cppo evaluate --help).",
     "export": "Write a checkpoint as a Hugging Face model: cppo export CKPT OUT "
     "(cppo export --help).",
+    "study": "Train and evaluate methods x seeds on one config and compare them: cppo study "
+    "--config CONFIG --methods grpo cppo --seeds 0 1 2 (cppo study --help).",
+}
+# The module whose `main` runs each of OWN_COMMANDS.
+_OWN_MODULES = {
+    "evaluate": "evaluation.command",
+    "export": "export",
+    "study": "study.command",
 }
 
 
@@ -146,10 +154,9 @@ class CPPOCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand in OWN_COMMANDS:
-            module = "export" if self.subcommand == "export" else "evaluation.command"
             self.parser.error(
                 f"`cppo {self.subcommand}` runs from the `cppo` console script; from Python call "
-                f"cppo_lightning.{module}.main."
+                f"cppo_lightning.{_OWN_MODULES[self.subcommand]}.main."
             )
         if self.subcommand == "fit":
             _check_bounded(self.config["fit"]["trainer"])
@@ -272,7 +279,8 @@ def main(args: list[str] | None = None, run: bool = True) -> CPPOCLI:
         parser_kwargs={
             "description": "cppo fit trains (and resumes with --ckpt_path), cppo validate scores "
             "a checkpoint on the held-out split. Also: `cppo export CKPT OUT` writes a Hugging "
-            "Face checkpoint, `cppo evaluate MODEL --eval SET` scores a model on evaluation sets."
+            "Face checkpoint, `cppo evaluate MODEL --eval SET` scores a model on evaluation sets, "
+            "`cppo study --config CONFIG --methods ... --seeds ...` compares methods x seeds."
         },
         auto_configure_optimizers=False,
     )
@@ -282,7 +290,9 @@ def entry_point() -> None:
     """The ``cppo`` console script: like :func:`main`, returning nothing (a returned object would
     become the process's exit status). ``cppo export CKPT OUT`` writes a standalone Hugging Face
     checkpoint (:mod:`cppo_lightning.export`); ``cppo evaluate MODEL --eval SET ...`` scores a
-    model on evaluation sets (:mod:`cppo_lightning.evaluation.command`).
+    model on evaluation sets (:mod:`cppo_lightning.evaluation.command`); ``cppo study ...``
+    trains and evaluates methods x seeds and compares them (:mod:`cppo_lightning.study.command`):
+    its exit status is 1 when a run failed.
 
     A setting refused before training starts (:func:`is_configuration_error`: e.g. a negative
     ``model.kl_coef``, a train split smaller than one batch) is printed alone, without the
@@ -299,6 +309,17 @@ def entry_point() -> None:
 
         evaluate_main(sys.argv[2:])
         return
+    if sys.argv[1:2] == ["study"]:
+        from cppo_lightning.study.command import main as study_main
+
+        try:
+            status = study_main(sys.argv[2:])
+        except ConfigError as error:
+            if os.environ.get("CPPO_TRACEBACK"):
+                raise
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise SystemExit(status)
     try:
         main()
     except ValueError as error:

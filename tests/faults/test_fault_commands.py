@@ -57,13 +57,13 @@ def test_export_of_a_corrupt_checkpoint_names_the_file(tmp_path, capsys):
 
 
 def test_help_lists_only_the_commands_that_work(capsys):
-    """Promise: `cppo --help` offers fit, validate, evaluate and export (its usage line lists
-    all four; it listed only {fit,validate}), not Lightning's test and predict, which this module
-    has no steps for; `cppo test` is refused by the parser."""
+    """Promise: `cppo --help` offers fit, validate, evaluate, export and study (its usage line
+    lists all five; it listed only {fit,validate}), not Lightning's test and predict, which this
+    module has no steps for; `cppo test` is refused by the parser."""
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    assert "{fit,validate,evaluate,export}" in text.splitlines()[0]
+    assert "{fit,validate,evaluate,export,study}" in text.splitlines()[0]
     assert "cppo export CKPT OUT" in text and "cppo evaluate MODEL" in text
     with pytest.raises(SystemExit) as raised:
         main(["test", "--trainer.logger=false"])

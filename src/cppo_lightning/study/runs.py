@@ -1,0 +1,243 @@
+"""One run of a study on disk: its folder's state, its TensorBoard scalars, its record.
+
+A run's folder is ``<output>/runs/<method>-seed<seed>``, the ``trainer.default_root_dir`` of its
+``cppo fit``: each attempt writes a ``lightning_logs/version_N`` of its own, and the policy it
+exports at the end (``hf_policy/``) is scored by ``cppo evaluate`` into ``version_N/eval``. The run
+is finished once ``run.json`` (its record, written last and atomically) is there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECORD = "run.json"
+FIT_LOG = "fit.log"
+EVAL_LOG = "evaluate.log"
+EVAL_DIR = "eval"
+POLICY = "hf_policy"
+CONDITIONS = ("original", "blank", "shuffled")
+Series = list[tuple[int, float]]
+_VERSION = re.compile(r"version_(\d+)$")
+#: Tags that are no curve of the run: TensorBoardLogger writes ``hp_metric`` -1 at step 0 in
+#: every version folder, a resumed one too.
+IGNORED = frozenset({"hp_metric"})
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def versions(run_dir: Path) -> list[Path]:
+    """The run's ``lightning_logs/version_N`` folders, by N."""
+    logs = run_dir / "lightning_logs"
+    found = [(int(m.group(1)), p) for p in logs.glob("version_*") if (m := _VERSION.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def attempts(run_dir: Path) -> list[Path]:
+    """The version folders in which a ``cppo fit`` started training (that wrote TensorBoard
+    events), by N; a folder claimed by a run refused before it logged anything is not one."""
+    return [v for v in versions(run_dir) if any(v.glob("events.out.tfevents.*"))]
+
+
+def fitted_version(run_dir: Path) -> Path | None:
+    """The version folder of the run's finished fit: the newest attempt, when it exported its
+    policy; None when the newest attempt was cut (or none started)."""
+    tried = attempts(run_dir)
+    if tried and (tried[-1] / POLICY / "config.json").is_file():
+        return tried[-1]
+    return None
+
+
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """The run's record when it finished (its policy and its evaluation results still there);
+    None otherwise."""
+    path = run_dir / RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    log_dir = Path(record.get("log_dir", ""))
+    done = (log_dir / POLICY / "config.json").is_file() and (
+        log_dir / EVAL_DIR / "results.json"
+    ).is_file()
+    return record if record.get("status") == "finished" and done else None
+
+
+def read_scalars(folder: Path) -> dict[str, Series]:
+    """Every scalar of one TensorBoard log folder but :data:`IGNORED`: tag -> [(step, value)] by
+    step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {
+        tag: sorted((e.step, e.value) for e in events.Scalars(tag))
+        for tag in events.Tags()["scalars"]
+        if tag not in IGNORED
+    }
+
+
+def merge_attempts(logs: list[dict[str, Series]]) -> dict[str, Series]:
+    """The curves of a run made of several attempts (oldest first): each attempt replaces what
+    the earlier ones logged from its first step on (a resumed attempt starts at its checkpoint's
+    step and redoes the steps after it; a restarted one starts at 0 and replaces everything)."""
+    merged: dict[str, Series] = {}
+    for log in logs:
+        steps = [step for series in log.values() for step, _ in series]
+        if not steps:
+            continue
+        start = min(steps)
+        merged = {tag: [(s, v) for s, v in series if s < start] for tag, series in merged.items()}
+        for tag, series in log.items():
+            merged[tag] = merged.get(tag, []) + list(series)
+    return {tag: series for tag, series in merged.items() if series}
+
+
+def run_scalars(run_dir: Path, last: Path) -> dict[str, Series]:
+    """The run's curves: its attempts up to ``last`` (the version folder it finished in), merged
+    by :func:`merge_attempts`."""
+    chain = [v for v in attempts(run_dir) if _number(v) <= _number(last)]
+    return merge_attempts([read_scalars(v) for v in chain])
+
+
+def _number(version: Path) -> int:
+    match = _VERSION.match(version.name)
+    return int(match.group(1)) if match else -1
+
+
+def responses_per_batch(config_file: Path) -> int | None:
+    """Responses sampled per rollout batch by the run (``data.batch_size x rollout.group_size x
+    devices x nodes``, devices counted when they are a number), from its ``config.yaml``."""
+    try:
+        config = yaml.safe_load(config_file.read_text()) or {}
+        batch = int(config["data"]["batch_size"]) * int(config["rollout"]["group_size"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
+    trainer = config.get("trainer") or {}
+    for key in ("devices", "num_nodes"):
+        if isinstance(trainer.get(key), int) and trainer[key] > 0:
+            batch *= trainer[key]
+    return batch
+
+
+def last(series: Series | None) -> float | None:
+    return series[-1][1] if series else None
+
+
+def first(series: Series | None) -> float | None:
+    return series[0][1] if series else None
+
+
+def step_seconds(scalars: dict[str, Series]) -> float | None:
+    """Median over the logged rollout batches of ``rollout/seconds + train/update_seconds`` (the
+    update time alone when the rollout time is not logged)."""
+    update = dict(scalars.get("train/update_seconds", []))
+    if not update:
+        return None
+    rollout = dict(scalars.get("rollout/seconds", []))
+    return statistics.median(value + rollout.get(step, 0.0) for step, value in update.items())
+
+
+def tokens_generated(scalars: dict[str, Series], per_batch: int | None) -> float | None:
+    """Response tokens sampled in training rollouts: the sum over logged rollout batches of
+    ``rollout/response_length`` (mean per response) times the responses per batch. With
+    ``trainer.log_every_n_steps`` > 1 only the logged batches are counted."""
+    lengths = scalars.get("rollout/response_length")
+    if not lengths or not per_batch:
+        return None
+    return sum(value for _, value in lengths) * per_batch
+
+
+def greedy_tags(scalars: dict[str, Series]) -> dict[str, str]:
+    """The Evaluation callback's tags of the first evaluation set: condition -> its
+    ``eval/<set>/<condition>/`` prefix (empty when the run logged none)."""
+    sets = sorted({tag.split("/")[1] for tag in scalars if re.match(r"eval/[^/]+/[^/]+/", tag)})
+    if not sets:
+        return {}
+    prefixes = {c: f"eval/{sets[0]}/{c}/" for c in CONDITIONS}
+    return {c: p for c, p in prefixes.items() if f"{p}accuracy" in scalars}
+
+
+def evaluation(results_file: Path) -> dict[str, Any]:
+    """The ``cppo evaluate`` results of the run's policy: its benchmark and, per condition,
+    ``accuracy`` (avg@k), ``ci95`` (over prompts), ``std`` (over sample sets), ``gap``."""
+    payload = json.loads(results_file.read_text())
+    results = payload["results"]
+    benchmark = results[0]["benchmark"]
+    return {
+        "benchmark": benchmark,
+        "k": payload["samples"],
+        "conditions": {
+            r["images"]: {key: r.get(key) for key in ("accuracy", "ci95", "std", "gap", "n")}
+            for r in results
+            if r["benchmark"] == benchmark
+        },
+    }
+
+
+def build_record(
+    method: str, seed: int, run_dir: Path, log_dir: Path, wall_seconds: float | None
+) -> dict[str, Any]:
+    """The record of a finished run: where it is, its evaluation, its curves and its figures
+    (the flat mapping :mod:`cppo_lightning.study.report` aggregates)."""
+    scalars = run_scalars(run_dir, log_dir)
+    ev = evaluation(log_dir / EVAL_DIR / "results.json")
+    conditions = ev["conditions"]
+    tags = greedy_tags(scalars)
+    curves = {"val/accuracy": scalars.get("val/accuracy", [])}
+    for condition, prefix in tags.items():
+        curves[f"{prefix}accuracy"] = scalars[f"{prefix}accuracy"]
+        if condition != "original" and f"{prefix}gap" in scalars:
+            curves[f"{prefix}gap"] = scalars[f"{prefix}gap"]
+    greedy = {
+        c: {
+            "accuracy_first": first(scalars.get(f"{p}accuracy")),
+            "accuracy_last": last(scalars.get(f"{p}accuracy")),
+            "gap_first": first(scalars.get(f"{p}gap")),
+            "gap_last": last(scalars.get(f"{p}gap")),
+        }
+        for c, p in tags.items()
+    }
+    val = scalars.get("val/accuracy")
+    figures: dict[str, float | None] = {
+        **{f"accuracy_{c}": (conditions.get(c) or {}).get("accuracy") for c in CONDITIONS},
+        **{f"gap_{c}": (conditions.get(c) or {}).get("gap") for c in CONDITIONS[1:]},
+        **{f"greedy_gap_{c}": (greedy.get(c) or {}).get("gap_last") for c in CONDITIONS[1:]},
+        "val_accuracy_start": first(val),
+        "val_accuracy_end": last(val),
+        "step_seconds": step_seconds(scalars),
+        "tokens_generated": tokens_generated(scalars, responses_per_batch(log_dir / "config.yaml")),
+        "wall_seconds": wall_seconds,
+    }
+    figures = {k: (v if v is None or math.isfinite(v) else None) for k, v in figures.items()}
+    return {
+        "method": method,
+        "seed": seed,
+        "status": "finished",
+        "run_dir": str(run_dir),
+        "log_dir": str(log_dir),
+        "policy": str(log_dir / POLICY),
+        "eval_dir": str(log_dir / EVAL_DIR),
+        "attempts": [str(v) for v in attempts(run_dir)],
+        "eval": conditions,
+        "eval_benchmark": ev["benchmark"],
+        "greedy": greedy,
+        "val_accuracy": {"start": first(val), "end": last(val)},
+        "step_seconds": figures["step_seconds"],
+        "tokens_generated": figures["tokens_generated"],
+        "wall_seconds": wall_seconds,
+        "curves": {tag: [[s, v] for s, v in series] for tag, series in curves.items()},
+        "figures": figures,
+    }

@@ -1,0 +1,190 @@
+"""The arithmetic and tables of `cppo study` (cppo_lightning.study.report) and its settings check
+(cppo_lightning.study.settings), on hand-made records."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from cppo_lightning.errors import ConfigError
+from cppo_lightning.study.report import (
+    aggregate,
+    t_cdf_two_sided,
+    t_interval,
+    t_quantile,
+    to_markdown,
+)
+from cppo_lightning.study.runs import merge_attempts
+from cppo_lightning.study.settings import (
+    check_settings,
+    compare_settings,
+    resolve_methods,
+    study_settings,
+)
+
+
+def test_t_quantile_matches_the_closed_forms():
+    # df 1 (Cauchy): P(|T| <= t) = 2 atan(t) / pi = 0.95  =>  t = tan(0.475 pi) = 12.7062047...
+    assert t_quantile(1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-9)
+    # df 2: P(|T| <= t) = t / sqrt(t^2 + 2) = 0.95  =>  t^2 = 2 * 0.95^2 / (1 - 0.95^2)
+    #       = 1.805 / 0.0975 = 18.51282...  =>  t = 4.3026527...
+    assert t_quantile(2) == pytest.approx(math.sqrt(2 * 0.95**2 / (1 - 0.95**2)), rel=1e-9)
+    # Larger df against the printed tables (3 decimals), and towards the normal 1.960.
+    for df, table in ((3, 3.182), (4, 2.776), (9, 2.262), (30, 2.042)):
+        assert t_quantile(df) == pytest.approx(table, abs=5e-4)
+    assert 1.96 < t_quantile(1000) < 1.963
+    # The CDF is a probability, increasing in t.
+    assert t_cdf_two_sided(0.0, 5) == 0.0
+    assert t_cdf_two_sided(1.0, 5) < t_cdf_two_sided(2.0, 5) < 1.0
+
+
+def test_t_interval_by_hand():
+    # [0.2, 0.4]: mean 0.3, sd = sqrt(((-0.1)^2 + 0.1^2) / 1) = 0.141421, n = 2, df = 1:
+    # half = tan(0.475 pi) * 0.141421 / sqrt(2) = 12.7062 * 0.1 = 1.27062.
+    two = t_interval([0.2, 0.4])
+    assert two["mean"] == pytest.approx(0.3)
+    assert two["half_width"] == pytest.approx(1.270620, abs=1e-6)
+    assert (two["low"], two["high"]) == pytest.approx((0.3 - 1.270620, 0.3 + 1.270620), abs=1e-6)
+    # [1, 2, 3]: mean 2, sd 1, df 2: half = 4.3026527 * 1 / sqrt(3) = 2.4841377.
+    three = t_interval([1, 2, 3])
+    assert three["half_width"] == pytest.approx(2.4841377, abs=1e-6)
+    assert three["n"] == 3 and three["values"] == [1.0, 2.0, 3.0]
+    # One value: a mean and no interval; none: nothing.
+    one = t_interval([0.5])
+    assert one["mean"] == 0.5 and one["half_width"] is None and one["low"] is None
+    assert t_interval([])["mean"] is None
+
+
+def _record(method: str, seed: int, accuracy: float, **figures: float | None) -> dict:
+    return {
+        "method": method,
+        "seed": seed,
+        "status": "finished",
+        "log_dir": f"runs/{method}-seed{seed}/lightning_logs/version_0",
+        "eval": {
+            "original": {"accuracy": accuracy, "ci95": [accuracy - 0.1, accuracy + 0.1]},
+            "blank": {"accuracy": 0.1, "ci95": [0.0, 0.2], "gap": accuracy - 0.1},
+            "shuffled": {"accuracy": 0.2, "ci95": [0.1, 0.3], "gap": accuracy - 0.2},
+        },
+        "figures": {
+            "accuracy_original": accuracy,
+            "gap_blank": accuracy - 0.1,
+            "step_seconds": 2.0,
+            **figures,
+        },
+    }
+
+
+def test_aggregate_per_method_over_seeds():
+    records = [
+        _record("grpo", 1, 0.4),
+        _record("cppo", 0, 0.5, greedy_gap_blank=0.25),
+        _record("grpo", 0, 0.2, greedy_gap_blank=None),
+        _record("cppo", 1, 0.7, greedy_gap_blank=float("nan")),
+        {"method": "papo", "seed": 0, "status": "failed", "figures": {}},
+    ]
+    methods = aggregate(records)
+    assert list(methods) == ["grpo", "cppo"]  # first seen; a failed run counts nowhere
+    assert methods["grpo"]["seeds"] == [0, 1]
+    grpo = methods["grpo"]["figures"]["accuracy_original"]
+    assert grpo["values"] == [0.2, 0.4] and grpo["mean"] == pytest.approx(0.3)
+    assert grpo["half_width"] == pytest.approx(1.270620, abs=1e-6)  # as by hand above
+    assert methods["cppo"]["figures"]["gap_blank"]["mean"] == pytest.approx(0.5)
+    # A missing or non-finite figure is left out of that figure only.
+    assert methods["cppo"]["figures"]["greedy_gap_blank"]["values"] == [0.25]
+    assert methods["grpo"]["figures"]["greedy_gap_blank"]["n"] == 0
+    assert methods["grpo"]["figures"]["step_seconds"]["half_width"] == 0.0
+
+
+def test_markdown_tables_hold_every_run_and_method():
+    records = [_record("grpo", 0, 0.2), _record("grpo", 1, 0.4), _record("cppo", 0, 0.5)]
+    records.append(
+        {"method": "cppo", "seed": 1, "status": "failed", "error": "cppo fit failed", "log": "L"}
+    )
+    study = {
+        "settings": {
+            "configs": [{"path": "configs/base.yaml", "sha256": "0" * 64}],
+            "pass_through": ["--trainer.max_steps=4"],
+            "samples": 4,
+            "temperature": 1.0,
+            "eval_set": {"value": "configs/eval/synthetic.yaml", "sha256": None},
+        },
+        "methods": ["grpo", "cppo"],
+        "runs": records,
+        "per_method": aggregate(records),
+    }
+    text = to_markdown(study)
+    rows = [line for line in text.splitlines() if line.startswith("| grpo") or "| cppo" in line]
+    # Per method: grpo over 2 seeds, 30.0 [-97.1, 157.1] = 0.3 +- 1.2706 in percent.
+    assert "| grpo | 0 1 | 30.0 [-97.1, 157.1] |" in text
+    assert "| cppo | 0 | 50.0 |" in text  # one seed: no interval
+    # Per run: the avg@4 with its interval over prompts, the gaps in points.
+    assert "| grpo | 0 | 20.0 [10.0-30.0] | 10.0 [0.0-20.0] | 20.0 [10.0-30.0] | +10.0 |" in text
+    assert "| cppo | 1 | failed |" in text
+    assert "- cppo seed 1: failed (cppo fit failed); log: L" in text
+    assert "avg@4 original" in text and "`--trainer.max_steps=4`" in text
+    assert len(rows) == 2 + 4
+
+
+def test_merge_attempts_keeps_the_steps_before_a_resume():
+    first = {"val/accuracy": [(0, 0.1), (4, 0.2)], "train/kl": [(1, 1.0), (2, 2.0), (5, 5.0)]}
+    resumed = {"val/accuracy": [(4, 0.25), (8, 0.3)], "train/kl": [(5, 5.5), (6, 6.0)]}
+    merged = merge_attempts([first, resumed, {}])
+    assert merged["val/accuracy"] == [(0, 0.1), (4, 0.25), (8, 0.3)]
+    assert merged["train/kl"] == [(1, 1.0), (2, 2.0), (5, 5.5), (6, 6.0)]
+    restarted = {"val/accuracy": [(0, 0.5)]}
+    assert merge_attempts([first, restarted]) == {"val/accuracy": [(0, 0.5)]}
+
+
+def _settings(tmp_path: Path, *, base: str = "a: 1\n", flags=("--trainer.max_steps=4",), **kw):
+    config = tmp_path / "base.yaml"
+    config.write_text(base)
+    overlay = tmp_path / "grpo.yaml"
+    overlay.write_text(kw.pop("overlay", "model: {perception_loss: null}\n"))
+    methods = resolve_methods([str(overlay), "cppo"], cwd=tmp_path)
+    values = {"samples": 4, "temperature": 1.0, "eval_set": "x.yaml", "eval_batch_size": 16}
+    values.update(kw)
+    return study_settings([config], methods, list(flags), **values)
+
+
+def test_settings_mismatch_is_found_and_refused(tmp_path):
+    same = _settings(tmp_path)
+    assert compare_settings(same, _settings(tmp_path)) == []
+    flags = compare_settings(same, _settings(tmp_path, flags=["--trainer.max_steps=8"]))
+    assert flags == [
+        "pass-through flags: added --trainer.max_steps=8; left out --trainer.max_steps=4"
+    ]
+    (moved,) = compare_settings(
+        _settings(tmp_path, flags=["--a=1", "--a=2"]), _settings(tmp_path, flags=["--a=2", "--a=1"])
+    )
+    assert (
+        moved == "pass-through flags: the same flags in another order (--a=1 --a=2 -> --a=2 --a=1)"
+    )
+    (changed,) = compare_settings(same, _settings(tmp_path, base="a: 2\n"))
+    assert changed.startswith("configs: ")
+    assert compare_settings(same, _settings(tmp_path, samples=8)) == ["samples: 4 -> 8"]
+    (overlay,) = compare_settings(same, _settings(tmp_path, overlay="model: {kl_coef: 0}\n"))
+    assert overlay.startswith("method grpo: overlay") and "content differs" in overlay
+
+    # On disk: the same settings continue the study, with a new method added to it.
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "study-settings.json").write_text(__import__("json").dumps(same))
+    more = _settings(tmp_path)
+    more["overlays"]["dapo"] = None
+    assert list(check_settings(tmp_path / "study", more)["overlays"]) == ["grpo", "cppo", "dapo"]
+    with pytest.raises(ConfigError, match=r"added --trainer.max_steps=8.*another --output"):
+        check_settings(tmp_path / "study", _settings(tmp_path, flags=["--trainer.max_steps=8"]))
+
+
+def test_unknown_method_is_refused_listing_the_overlays(tmp_path):
+    experiments = tmp_path / "configs" / "experiments"
+    experiments.mkdir(parents=True)
+    (experiments / "zzz-local.yaml").write_text("{}\n")
+    (method,) = resolve_methods(["zzz-local"], cwd=tmp_path)
+    assert method.overlay == (experiments / "zzz-local.yaml").resolve()
+    with pytest.raises(ConfigError, match=r"nosuch: unknown method.*grpo.*zzz-local"):
+        resolve_methods(["cppo", "nosuch"], cwd=tmp_path)
+    with pytest.raises(ConfigError, match="given twice"):
+        resolve_methods(["cppo", "cppo"], cwd=tmp_path)
