@@ -12,6 +12,10 @@ any. The pieces compose as::
     H_neg = token_entropy(logits_neg, temperature)                  # [N, L]
     selected = perception_token_mask(H, H_neg, response_mask, advantages=adv)  # bool [N, L]
 
+CPPO's own ablations keep that per-response budget and change only the ranking
+(``ranking="entropy"``: highest ``H``; ``ranking="random"``: uniformly at random); their math is in
+:mod:`cppo_lightning.rankings`.
+
 No trainer, config or model objects appear; :class:`TokenSelector` bundles the options so that
 the selection rule can be injected as one constructor argument.
 """
@@ -24,7 +28,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cppo_lightning.rankings import (
+    RANKINGS,
+    check_ranking,
+    highest_entropy_mask,
+    random_token_mask,
+)
+
 __all__ = [
+    "RANKINGS",
     "SCORES",
     "TokenSelector",
     "entropy_shift_score",
@@ -194,6 +206,8 @@ def perception_token_mask(
     score: str = "normalized",
     top_k: int | None = None,
     eps: float = 1e-6,
+    ranking: str = "entropy-shift",
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Select the perception-dependent tokens of each response (spec §2).
 
@@ -205,6 +219,15 @@ def perception_token_mask(
     ``n = 0`` keep nothing; padding and prompt positions (``mask == 0``) are never kept, however
     large their shift. With ``advantages`` given (advantage gating), only tokens with ``A > 0`` are
     kept, i.e. whole responses with a positive advantage when ``A`` is per response.
+
+    ``ranking`` (CPPO's ablations) keeps that budget and changes which tokens fill it: with
+    ``c_r`` the number of tokens the entropy-shift rule above keeps in row r (its ``k`` plus any
+    ties), ``"entropy"`` keeps the ``c_r`` valid tokens of highest ``H`` (ties at the threshold
+    kept; :func:`~cppo_lightning.rankings.highest_entropy_mask`) and ``"random"`` exactly ``c_r``
+    valid tokens chosen uniformly at random (:func:`~cppo_lightning.rankings.random_token_mask`,
+    drawn from ``generator``, or torch's global generator of the tensors' device when None).
+    Either may pick tokens whose entropy does not rise; a row where the shift rule keeps nothing
+    keeps nothing. Gating applies to every ranking.
 
     Vectorised: one sort per row, no Python loop over rows. Computed without gradient.
 
@@ -219,6 +242,9 @@ def perception_token_mask(
         score: ``"normalized"`` (default) or ``"raw"``; see :func:`entropy_shift_score`.
         top_k: An absolute number of tokens per response (>= 1) instead of a fraction.
         eps: The normalised score's ``eps``.
+        ranking: ``"entropy-shift"`` (default, the paper), ``"entropy"`` or ``"random"``.
+        generator: Draws the ``"random"`` ranking's tokens; None uses torch's global generator
+            (saved in checkpoints, so a resumed run draws the same). Unused by other rankings.
 
     Returns:
         A bool tensor, True at the selected tokens; it does not require grad.
@@ -238,6 +264,7 @@ def perception_token_mask(
             "pass the response mask of the same padded responses."
         )
     _check_score(score)
+    check_ranking(ranking)
     if not 0.0 < top_fraction <= 1.0:
         raise ValueError(
             f"top_fraction must be in (0, 1] (the recipe uses 0.5), got {top_fraction!r}; use "
@@ -274,6 +301,14 @@ def perception_token_mask(
         threshold = ordered.gather(1, (k - 1).clamp(min=0).unsqueeze(1))  # [N, 1]
         selected = candidate & (ranked >= threshold) & (k > 0).unsqueeze(1)  # [N, L]
 
+        if ranking != "entropy-shift":
+            # The ablations keep the shift rule's budget per response: only the ranking differs.
+            budget = selected.sum(dim=1)  # [N]
+            if ranking == "entropy":
+                selected = highest_entropy_mask(entropy, mask, budget)  # [N, L]
+            else:
+                selected = random_token_mask(mask, budget, generator=generator)  # [N, L]
+
         if advantages is not None:
             adv = advantages.detach()
             positive = (adv > 0).unsqueeze(1) if adv.dim() == 1 else adv > 0  # [N, 1] / [N, L]
@@ -286,7 +321,8 @@ class TokenSelector:
     """The perception-token selection rule as one injectable, validated value (spec §2).
 
     Calling it applies :func:`perception_token_mask` with these options, passing the advantages
-    only when ``gate_advantages`` is on.
+    only when ``gate_advantages`` is on. The ``"random"`` ranking draws from torch's global
+    generator (deterministic under ``seed_everything``, restored on resume).
 
     Attributes:
         top_fraction: ``rho``, the fraction of each response's entropy-raising tokens to keep;
@@ -295,12 +331,16 @@ class TokenSelector:
         top_k: An absolute number of tokens per response instead of a fraction; None (default)
             uses ``top_fraction``.
         gate_advantages: Keep only tokens of responses with a positive advantage (the paper).
+        ranking: Which tokens fill each response's budget: ``"entropy-shift"`` (the paper),
+            ``"entropy"`` (highest entropy under the original image) or ``"random"``; the
+            budget is always the entropy-shift rule's. See :func:`perception_token_mask`.
     """
 
     top_fraction: float = 0.5
     score: str = "normalized"
     top_k: int | None = None
     gate_advantages: bool = True
+    ranking: str = "entropy-shift"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.top_fraction <= 1.0:
@@ -321,6 +361,7 @@ class TokenSelector:
             raise ValueError(
                 f"gate_advantages must be True or False, got {self.gate_advantages!r}."
             )
+        check_ranking(self.ranking)
 
     def __call__(
         self,
@@ -361,4 +402,5 @@ class TokenSelector:
             advantages=advantages if self.gate_advantages else None,
             score=self.score,
             top_k=self.top_k,
+            ranking=self.ranking,
         )

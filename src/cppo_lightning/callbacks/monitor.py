@@ -108,7 +108,8 @@ def baseline_counts(
       (:func:`top_entropy_tokens`).
 
     And detection itself at each ``rho`` of :data:`RHOS` (``rho0.1``, ...), with the selector's
-    other options.
+    other options but always the entropy-shift ranking: under the ``entropy`` and ``random``
+    ablations these still report the paper's detection, and no random draw moves the run's RNG.
     """
     selected, labels, pool = selected.bool().cpu(), labels.bool().cpu(), pool.bool().cpu()
     entropy, entropy_removed = entropy.float().cpu(), entropy_removed.float().cpu()
@@ -117,7 +118,9 @@ def baseline_counts(
     counts = {"random": torch.stack([(budget * labelled / size).sum(), budget.sum()]).float()}
     chosen = {"entropy": top_entropy_tokens(entropy, pool, budget)}
     for rho in RHOS:
-        at = dataclasses.replace(selector, top_fraction=rho, top_k=None, gate_advantages=False)
+        at = dataclasses.replace(
+            selector, top_fraction=rho, top_k=None, gate_advantages=False, ranking="entropy-shift"
+        )
         chosen[f"rho{rho}"] = at(entropy, entropy_removed, pool.to(entropy.dtype)) & pool
     for name, mask in chosen.items():
         counts[name] = torch.stack([(mask & labels).sum(), mask.sum()]).float()

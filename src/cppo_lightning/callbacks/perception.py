@@ -33,6 +33,10 @@ class PerceptionTokens(pl.Callback):
         top_k: Keep an absolute number of tokens per response instead of a fraction.
         gate_advantages: Only responses with a positive advantage carry perception tokens.
         policy: ``update`` (update-time policy) or ``rollout`` (rollout-time policy).
+        ranking: Which tokens fill each response's budget (the number the entropy-shift rule
+            keeps): ``entropy-shift`` (the paper), ``entropy`` (highest entropy under the
+            original image) or ``random`` (uniformly, from torch's global generator, which
+            checkpoints restore): CPPO's own ablations (configs/experiments/cppo-*.yaml).
     """
 
     def __init__(
@@ -42,11 +46,16 @@ class PerceptionTokens(pl.Callback):
         top_k: int | None = None,
         gate_advantages: bool = True,
         policy: Literal["update", "rollout"] = "update",
+        ranking: Literal["entropy-shift", "entropy", "random"] = "entropy-shift",
     ) -> None:
         if policy not in ("update", "rollout"):
             raise ValueError(f"perception_tokens.policy must be update or rollout, got {policy!r}.")
         self.selector = TokenSelector(
-            top_fraction=top_fraction, score=score, top_k=top_k, gate_advantages=gate_advantages
+            top_fraction=top_fraction,
+            score=score,
+            top_k=top_k,
+            gate_advantages=gate_advantages,
+            ranking=ranking,
         )
         self.policy = policy
 
@@ -65,7 +74,7 @@ class PerceptionTokens(pl.Callback):
                 "perception_tokens.policy=rollout runs after the rollout callback, but no "
                 "rollout was collected for this batch."
             )
-        module.set_rollout(module.detect_perception_tokens(rollout))
+        module.set_rollout(module.update.detect_perception_tokens(rollout))
 
 
 class CPLWeight(pl.Callback):
