@@ -91,10 +91,10 @@ def embedded() -> None:
         reward_terms={},
         group_size=8,
     )
-    rollout = module.prepare_update(rollout)
+    rollout = module.update.prepare_update(rollout)
     prompt = prompts.input_ids.shape[1]
     index = torch.arange(n)
-    fixed_micros = module._micro_batches(rollout, index)
+    fixed_micros = module.update._micro_batches(rollout, index)
     # The budget that gives the same number of micro-batches (8 responses each on average).
     budget = 8 * (prompt + int(lengths.float().mean()))
     while len(pack_by_tokens(lengths, prompt, budget)) > len(fixed_micros):
@@ -106,7 +106,7 @@ def embedded() -> None:
             module.micro_batch_tokens = tokens
             module.policy.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            module.accumulate_gradients(rollout, index, {}, [])
+            module.update.accumulate_gradients(rollout, index, {}, [])
             if repeat:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
     real = int(lengths.sum()) + prompt * n
@@ -119,7 +119,7 @@ def embedded() -> None:
           f"{untrimmed:,} | {1 - real / untrimmed:.0%} | not run |")  # fmt: skip
     for name, tokens in settings.items():
         module.micro_batch_tokens = tokens
-        micros = module._micro_batches(rollout, index)
+        micros = module.update._micro_batches(rollout, index)
         total = sum(int(rollout.take(m).response_mask.numel()) + prompt * len(m) for m in micros)
         print(f"| {name} | {len(micros)} | {total:,} | {1 - real / total:.0%} | "
               f"{statistics.median(times[name]):.2f} |")  # fmt: skip

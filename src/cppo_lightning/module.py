@@ -1,10 +1,12 @@
-"""The LightningModule: owns the policy, the frozen reference, their set-up, rollouts and
-checkpoints.
+"""The LightningModule: owns the policy, the frozen reference, the settings, the method's
+components, their set-up, rollouts and checkpoints.
 
-The training step itself (advantages, old/reference log-probs, mini- and micro-batches, the loss
-of a micro-batch) is :class:`~cppo_lightning.update.PolicyUpdate`, and held-out validation
-(``val/*``) is :class:`~cppo_lightning.validation.HeldOutValidation`; this class extends both. The
-math lives in :mod:`cppo_lightning.losses`.
+It composes, and does not inherit, the two procedures that run over that state: the training
+step (advantages, old/reference log-probs, mini- and micro-batches, the loss of a micro-batch) is
+``module.update``, a :class:`~cppo_lightning.update.PolicyUpdate`, and held-out validation
+(``val/*``) is ``module.validation``, a :class:`~cppo_lightning.validation.HeldOutValidation`.
+The method's components sit at the seams of :mod:`cppo_lightning.seams` (``docs/methods.md``);
+the math lives in :mod:`cppo_lightning.losses` and :mod:`cppo_lightning.methods`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torchmetrics import MeanMetric
 
 from cppo_lightning.checkpoints import gather_rng_states, restore_rng_states
 from cppo_lightning.detection import TokenSelector
@@ -63,7 +67,7 @@ def _root_parameters(module: Any) -> Iterator[None]:
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
-class CPPOModule(PolicyUpdate, HeldOutValidation):
+class CPPOModule(LightningModule):
     """RL fine-tuning of a vision-language policy with a frozen reference: GRPO, plus CPPO's
     contrastive perception loss or PAPO's implicit perception loss (``perception_loss``).
 
@@ -272,7 +276,13 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
         # What samples every response; the rollout callback hands over its own in setup.
         self._rollout_engine: RolloutEngine = HFGenerate()
         self._engine_step = 0  # global_step when the engine last had the policy's weights
-        self.init_validation_metrics()
+        # Validation's running means (module state: Lightning moves them with the module).
+        self.val_accuracy = MeanMetric()
+        self.val_reward = MeanMetric()
+        self.val_response_length = MeanMetric()
+        # The procedures that run over this state.
+        self.update = PolicyUpdate(self)
+        self.validation = HeldOutValidation(self)
 
     # ------------------------------------------------------------------ model set-up
     def configure_model(self) -> None:
@@ -380,7 +390,7 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
 
     def on_fit_start(self) -> None:
         self._check_perception_setup()
-        self.check_val_accuracy_term()
+        self.validation.check_val_accuracy_term()
 
     def on_train_start(self) -> None:
         # Lightning restored the checkpoint's optimizer settings over the configured ones.
@@ -454,6 +464,28 @@ class CPPOModule(PolicyUpdate, HeldOutValidation):
         if self.reference is not None:
             self.reference.eval()  # the reference never trains, dropout stays off
         return self
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.update.training_step(batch)
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.validation.validation_step(batch)
+
+    def on_validation_start(self) -> None:
+        self.validation.on_validation_start()
+
+    def on_validation_end(self) -> None:
+        self.validation.on_validation_end()
+
+    def on_validation_epoch_end(self) -> None:
+        self.validation.on_validation_epoch_end()
+
+    @property
+    def scoring(self) -> Scoring:
+        """How every forward turns hidden states into token scores (see
+        :attr:`PolicyUpdate.scoring`)."""
+        return self.update.scoring
 
     # ------------------------------------------------------------------ rollouts
     def collect_rollout(

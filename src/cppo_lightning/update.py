@@ -23,16 +23,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ParallelStrategy
 
 from cppo_lightning.batching import equalise_count, micro_batch_weights, pack_by_tokens
-from cppo_lightning.detection import TokenSelector
 from cppo_lightning.logprobs import ResponseScores, Scoring, score_responses
 from cppo_lightning.losses import (
     aggregate,
@@ -41,15 +38,15 @@ from cppo_lightning.losses import (
     kl_estimate,
 )
 from cppo_lightning.perception import (
-    PerceptionObjective,
     PerceptionTerm,
     detect_tokens,
     micro_batch,
 )
 from cppo_lightning.records import PromptBatch, RolloutBatch, UpdateRecord, pad_columns
-from cppo_lightning.rewards import WeightedReward
 from cppo_lightning.rollout import rollout_metrics
-from cppo_lightning.seams import AdvantageTransform, LossTerm, PolicyLoss, TokenWeighting
+
+if TYPE_CHECKING:
+    from cppo_lightning.module import CPPOModule
 
 __all__ = ["PolicyUpdate", "is_fsdp"]
 
@@ -84,51 +81,25 @@ def _all(rollout: RolloutBatch) -> torch.Tensor:
     return torch.arange(rollout.num_responses, device=rollout.response_ids.device)
 
 
-class PolicyUpdate(LightningModule):
-    """The training step of :class:`~cppo_lightning.module.CPPOModule`, which sets the
-    attributes declared here from its constructor arguments (documented there)."""
+class PolicyUpdate:
+    """The training step of :class:`~cppo_lightning.module.CPPOModule` (``module.update``).
 
-    policy: torch.nn.Module | None
-    reference: torch.nn.Module | None
-    reward: WeightedReward
-    perception_loss: PerceptionObjective | None
-    advantage: AdvantageTransform | None
-    token_weighting: TokenWeighting | None
-    policy_loss: PolicyLoss
-    extra_losses: list[LossTerm]
-    token_selector: TokenSelector | None
-    cpl_weight: float | None
-    last_update: UpdateRecord | None
-    suppress_token_ids: list[int]
-    temperature: float
-    logprob_chunk_tokens: int | None
-    mini_batch_size: int | None
-    micro_batch_size: int
-    micro_batch_tokens: int | None
-    clip_low: float
-    clip_high: float
-    dual_clip: float | None
-    kl_coef: float
-    kl_estimator: str
-    loss_agg: str
-    advantage_scale: str
-    max_grad_norm: float
-    max_new_tokens: int
+    The module owns the state (policy, reference, settings, optimizer, the method's components)
+    and calls :meth:`training_step` from its own; this class runs the step over it, as
+    Lightning's loops run over their trainer. The math is in the components.
+    """
 
-    def _take_rollout(self, batch: PromptBatch) -> RolloutBatch:
-        raise NotImplementedError
-
-    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
-        raise NotImplementedError
+    def __init__(self, module: CPPOModule) -> None:
+        self.module = module
 
     @property
     def scoring(self) -> Scoring:
         """How every forward turns hidden states into token scores: the sampling temperature,
         the tokens the sampler suppresses, the LM-head chunk size."""
         return Scoring(
-            self.temperature,
-            tuple(getattr(self, "suppress_token_ids", ())),
-            self.logprob_chunk_tokens,
+            self.module.temperature,
+            tuple(getattr(self.module, "suppress_token_ids", ())),
+            self.module.logprob_chunk_tokens,
         )
 
     def score(
@@ -157,11 +128,11 @@ class PolicyUpdate(LightningModule):
         return self.score(model, rollout, index).logps()
 
     def _reference_logps(self, rollout: RolloutBatch, index: torch.Tensor) -> torch.Tensor:
-        if self.reference is not None:
-            return self.sequence_logps(self.reference, rollout, index)
-        assert self.policy is not None
-        with self.policy.disable_adapter():  # type: ignore[operator]
-            return self.sequence_logps(self.policy, rollout, index)
+        if self.module.reference is not None:
+            return self.sequence_logps(self.module.reference, rollout, index)
+        assert self.module.policy is not None
+        with self.module.policy.disable_adapter():  # type: ignore[operator]
+            return self.sequence_logps(self.module.policy, rollout, index)
 
     @torch.no_grad()
     def prepare_update(self, rollout: RolloutBatch) -> RolloutBatch:
@@ -169,21 +140,23 @@ class PolicyUpdate(LightningModule):
         advantages = group_advantages(
             rollout.rewards,
             rollout.group_size,
-            scale=self.advantage_scale,
-            batch_std=self._global_reward_std(rollout) if self.advantage_scale == "batch" else None,
+            scale=self.module.advantage_scale,
+            batch_std=self._global_reward_std(rollout)
+            if self.module.advantage_scale == "batch"
+            else None,
         )
         chunks = self._micro_batches(
-            rollout, torch.arange(rollout.num_responses, device=self.device)
+            rollout, torch.arange(rollout.num_responses, device=self.module.device)
         )
         old_logp = ref_logp = removed_logp = None
         needs = self.component_needs
-        assert self.policy is not None
-        policy = self.policy
+        assert self.module.policy is not None
+        policy = self.module.policy
         if len(self._mini_batches(rollout)) > 1 or "old_logp" in needs:
             old_logp = self._per_response(
                 rollout, chunks, lambda part: self.sequence_logps(policy, part, _all(part))
             )
-        if self.kl_coef > 0:
+        if self.module.kl_coef > 0:
             ref_logp = self._per_response(
                 rollout, chunks, lambda part: self._reference_logps(part, _all(part))
             )
@@ -211,19 +184,24 @@ class PolicyUpdate(LightningModule):
     def component_needs(self) -> frozenset[str]:
         """What the method's components ask :meth:`prepare_update` for (see
         :data:`cppo_lightning.seams.NEEDS`)."""
-        components = [self.advantage, self.token_weighting, self.policy_loss, *self.extra_losses]
+        components = [
+            self.module.advantage,
+            self.module.token_weighting,
+            self.module.policy_loss,
+            *self.module.extra_losses,
+        ]
         return frozenset().union(*(c.needs for c in components if c is not None))
 
     def _global_reward_std(self, rollout: RolloutBatch) -> torch.Tensor | None:
         """The std of the rewards of the whole batch, all ranks together (``advantage_scale:
         batch`` under DDP/FSDP); None without a trainer, where the local batch is the batch."""
-        if self._trainer is None:
+        if self.module._trainer is None:
             return None
         rewards = rollout.rewards.double()
         sums = torch.stack(
             [rewards.new_tensor(len(rewards)), rewards.sum(), rewards.square().sum()]
         )
-        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        sums = self.module.trainer.strategy.reduce(sums, reduce_op="sum")
         return global_std(*sums).to(
             rollout.rewards.dtype
             if rollout.rewards.is_floating_point()
@@ -248,20 +226,24 @@ class PolicyUpdate(LightningModule):
 
     def _mini_batches(self, rollout: RolloutBatch) -> list[torch.Tensor]:
         # A batch that lost rows to unreadable images may leave a smaller last mini-batch.
-        size = self.mini_batch_size or rollout.prompts.num_prompts
-        index = torch.arange(rollout.num_responses, device=self.device)
+        size = self.module.mini_batch_size or rollout.prompts.num_prompts
+        index = torch.arange(rollout.num_responses, device=self.module.device)
         return list(index.split(size * rollout.group_size))
 
     def _micro_batches(self, rollout: RolloutBatch, index: torch.Tensor) -> list[torch.Tensor]:
         """The micro-batches of responses ``index``: ``micro_batch_size`` responses each, or
         packed by length under ``micro_batch_tokens`` (see :mod:`cppo_lightning.batching`)."""
-        if self.micro_batch_tokens is None:
-            return list(index.split(self.micro_batch_size))
+        if self.module.micro_batch_tokens is None:
+            return list(index.split(self.module.micro_batch_size))
         lengths = rollout.response_mask[index].sum(1)
         prompt_length = rollout.prompts.input_ids.shape[1]
-        micros = [index[i] for i in pack_by_tokens(lengths, prompt_length, self.micro_batch_tokens)]
-        if self._trainer is not None and self.trainer.world_size > 1:
-            counts = self.trainer.strategy.all_gather(torch.tensor(len(micros), device=self.device))
+        micros = [
+            index[i] for i in pack_by_tokens(lengths, prompt_length, self.module.micro_batch_tokens)
+        ]
+        if self.module._trainer is not None and self.module.trainer.world_size > 1:
+            counts = self.module.trainer.strategy.all_gather(
+                torch.tensor(len(micros), device=self.module.device)
+            )
             micros = equalise_count(micros, int(torch.as_tensor(counts).max()))
         return micros
 
@@ -275,43 +257,47 @@ class PolicyUpdate(LightningModule):
             The loss, detached statistics, and the perception term (its ``[n, L]`` selected
             tokens and their entropies; None without a perception loss).
         """
-        assert self.policy is not None and rollout.advantages is not None
+        assert self.module.policy is not None and rollout.advantages is not None
         length = rollout.response_ids.shape[1]
         # The micro-batch alone, cut to its longest response: [n, l] fields with l <= L.
         rollout, index = rollout.take(index), torch.arange(len(index), device=index.device)
         assert rollout.advantages is not None
         mask = rollout.response_mask  # [n, l]
-        scores = self.score(self.policy, rollout, index)  # hidden [n, l, H]
+        scores = self.score(self.module.policy, rollout, index)  # hidden [n, l, H]
         logp = scores.logps()  # [n, l]
         old_logp = rollout.old_logp if rollout.old_logp is not None else logp.detach()
         micro = None
-        if self.perception_loss is not None or self.token_weighting or self.extra_losses:
+        if (
+            self.module.perception_loss is not None
+            or self.module.token_weighting
+            or self.module.extra_losses
+        ):
             micro = micro_batch(
-                self.policy,
+                self.module.policy,
                 rollout,
                 index,
                 scores,
                 logp,
-                self.loss_agg,
-                self.max_new_tokens,
+                self.module.loss_agg,
+                self.module.max_new_tokens,
             )
         stats: dict[str, torch.Tensor] = {}
         loss_mask, weight = mask, None
-        if self.token_weighting is not None:  # seam: which tokens carry the policy gradient
+        if self.module.token_weighting is not None:  # seam: which tokens carry the policy gradient
             assert micro is not None
-            weight, token_stats = self.token_weighting(micro)  # [n, l]
+            weight, token_stats = self.module.token_weighting(micro)  # [n, l]
             stats.update({f"train/tokens/{k}": v for k, v in token_stats.items()})
-            if self.token_weighting.normalise == "selected":
+            if self.module.token_weighting.normalise == "selected":
                 loss_mask = mask.bool() & weight.bool()  # the mean runs over selected tokens
                 weight = None if weight.dtype == torch.bool else weight
         # Seam: the surrogate and its importance ratio (token level unless model.policy_loss).
-        loss, loss_stats = self.policy_loss(
+        loss, loss_stats = self.module.policy_loss(
             logp,
             old_logp,
             rollout.advantages,
             loss_mask,
-            agg=self.loss_agg,
-            agg_constant=self.max_new_tokens,
+            agg=self.module.loss_agg,
+            agg_constant=self.module.max_new_tokens,
             weight=weight,
         )
         stats.update({f"train/{k}": v for k, v in loss_stats.items()})
@@ -322,23 +308,23 @@ class PolicyUpdate(LightningModule):
             # drift: settings the sampler applied and training does not, or numerics.
             gap = (rollout.sampler_logp - old_logp.detach()).abs()  # [n, l]
             stats["rollout/logp_mismatch"] = (gap * mask).sum() / mask.sum().clamp(min=1)
-        if self.kl_coef > 0:
+        if self.module.kl_coef > 0:
             assert rollout.ref_logp is not None
             kl = aggregate(
-                kl_estimate(logp, rollout.ref_logp, kind=self.kl_estimator),
+                kl_estimate(logp, rollout.ref_logp, kind=self.module.kl_estimator),
                 mask,
-                self.loss_agg,
-                self.max_new_tokens,
+                self.module.loss_agg,
+                self.module.max_new_tokens,
             )
-            loss = loss + self.kl_coef * kl
+            loss = loss + self.module.kl_coef * kl
             stats["train/kl"] = kl.detach()
         term = None
-        if self.perception_loss is not None:  # seam: an auxiliary loss on image views
+        if self.module.perception_loss is not None:  # seam: an auxiliary loss on image views
             assert micro is not None
-            term = self.perception_loss(
+            term = self.module.perception_loss(
                 micro,
-                self.token_selector,
-                self.cpl_weight,
+                self.module.token_selector,
+                self.module.cpl_weight,
             )
             loss = loss + term.loss
             stats.update({f"perception/{k}": v for k, v in term.stats.items()})
@@ -352,7 +338,7 @@ class PolicyUpdate(LightningModule):
                 entropy=padded(term.entropy),
                 entropy_removed=padded(term.entropy_removed),
             )
-        for extra in self.extra_losses:  # seam: further loss terms
+        for extra in self.module.extra_losses:  # seam: further loss terms
             assert micro is not None
             value, extra_stats = extra(micro)
             loss = loss + value
@@ -363,23 +349,23 @@ class PolicyUpdate(LightningModule):
     def detect_perception_tokens(self, rollout: RolloutBatch) -> RolloutBatch:
         """Detect perception tokens with the current (rollout-time) policy, before any update
         (no gating: that is applied in the loss). See :func:`perception.detect_tokens`."""
-        assert self.policy is not None
-        if self.token_selector is None:
+        assert self.module.policy is not None
+        if self.module.token_selector is None:
             raise RuntimeError("no token selector: the perception_tokens callback sets it.")
-        was_training = self.policy.training
-        self.policy.eval()
+        was_training = self.module.policy.training
+        self.module.policy.eval()
         try:
             mask = detect_tokens(
-                self.policy,
+                self.module.policy,
                 rollout,
-                dataclasses.replace(self.token_selector, gate_advantages=False),
+                dataclasses.replace(self.module.token_selector, gate_advantages=False),
                 self.scoring,
                 self._micro_batches(
-                    rollout, torch.arange(rollout.num_responses, device=self.device)
+                    rollout, torch.arange(rollout.num_responses, device=self.module.device)
                 ),
             )
         finally:
-            self.policy.train(was_training)
+            self.module.policy.train(was_training)
         return dataclasses.replace(rollout, perception_mask=mask)
 
     def accumulate_gradients(
@@ -398,7 +384,9 @@ class PolicyUpdate(LightningModule):
         cut (:func:`~cppo_lightning.batching.micro_batch_weights`).
         """
         micros = self._micro_batches(rollout, mini)
-        weights = micro_batch_weights([rollout.response_mask[m] for m in micros], self.loss_agg)
+        weights = micro_batch_weights(
+            [rollout.response_mask[m] for m in micros], self.module.loss_agg
+        )
         for i, (micro, weight) in enumerate(zip(micros, weights, strict=True)):
             with self._gradient_sync(last=i == len(micros) - 1):
                 loss, stats, term = self.compute_loss(rollout, micro)
@@ -410,16 +398,18 @@ class PolicyUpdate(LightningModule):
         return len(micros)
 
     def _backward(self, loss: torch.Tensor) -> None:
-        if self._trainer is None:  # outside a trainer (tests, scripts): plain autograd
+        if self.module._trainer is None:  # outside a trainer (tests, scripts): plain autograd
             loss.backward()
         else:
-            self.manual_backward(loss)
+            self.module.manual_backward(loss)
 
-    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+    def training_step(self, batch: PromptBatch) -> None:
+        """Learn from the rollout batch collected for ``batch``: prepare it, then one optimizer
+        step per mini-batch, and log."""
         start = time.perf_counter()
-        rollout = self.prepare_update(self._take_rollout(batch))
-        optimizer = cast(LightningOptimizer, self.optimizers())
-        scheduler = self.lr_schedulers()
+        rollout = self.prepare_update(self.module._take_rollout(batch))
+        optimizer = cast(LightningOptimizer, self.module.optimizers())
+        scheduler = self.module.lr_schedulers()
         sums: dict[str, float] = {}
         count = 0
         terms: list[tuple[torch.Tensor, PerceptionTerm]] = []
@@ -429,7 +419,7 @@ class PolicyUpdate(LightningModule):
                 # multiple of the batch's otherwise (checked at fit start).
                 break
             optimizer.zero_grad()
-            if self.advantage is not None:  # seam: the mini-batch's advantages, transformed
+            if self.module.advantage is not None:  # seam: the mini-batch's advantages, transformed
                 rollout = self._transform_advantages(rollout, mini, sums)
             micros = self.accumulate_gradients(rollout, mini, sums, terms)
             count += micros
@@ -441,18 +431,18 @@ class PolicyUpdate(LightningModule):
         metrics = {key: value / max(count, 1) for key, value in sums.items()}
         # Lightning's x-axis for these: optimizer steps, as val/* and eval/* are logged, so the
         # curves of one run line up (its default would count rollout batches).
-        metrics["step"] = float(self.global_step)
+        metrics["step"] = float(self.module.global_step)
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
         metrics["train/update_seconds"] = time.perf_counter() - start
         metrics.update(rollout_metrics(rollout))
         # Responses scored 0 because a reward function raised (cumulative, per term).
-        for name, errors in getattr(self.reward, "total_errors", {}).items():
+        for name, errors in getattr(self.module.reward, "total_errors", {}).items():
             metrics[f"rollout/reward_errors/{name}"] = float(errors)
         # Averaged over ranks under DDP/FSDP, so the logged curve describes the whole batch. Every
         # rank must log the same keys (each key is one all-reduce).
-        self.log_dict(metrics, batch_size=rollout.num_responses, sync_dist=True)
-        self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False)
-        self.last_update = UpdateRecord(
+        self.module.log_dict(metrics, batch_size=rollout.num_responses, sync_dist=True)
+        self.module.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False)
+        self.module.last_update = UpdateRecord(
             rollout,
             *(
                 _joined([(i, getattr(t, f)) for i, t in terms], rollout.num_responses)
@@ -465,8 +455,8 @@ class PolicyUpdate(LightningModule):
     ) -> RolloutBatch:
         """The rollout batch with the advantages of mini-batch ``mini`` replaced by the
         ``model.advantage`` component's (per token ``[N, L]`` as soon as one is)."""
-        assert self.advantage is not None and rollout.advantages is not None
-        new, stats = self.advantage(rollout, mini)  # [n] or [n, l]
+        assert self.module.advantage is not None and rollout.advantages is not None
+        new, stats = self.module.advantage(rollout, mini)  # [n] or [n, l]
         advantages = rollout.advantages
         if new.dim() == 2 and advantages.dim() == 1:
             advantages = advantages.unsqueeze(1).expand_as(rollout.response_mask)
@@ -484,25 +474,28 @@ class PolicyUpdate(LightningModule):
         return dataclasses.replace(rollout, advantages=advantages)
 
     def _reached_max_steps(self) -> bool:
-        return self._trainer is not None and 0 < self.trainer.max_steps <= self.global_step
+        return (
+            self.module._trainer is not None
+            and 0 < self.module.trainer.max_steps <= self.module.global_step
+        )
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         """Under DDP, gradients are all-reduced once per optimizer step, in the last
         micro-batch's backward; the others accumulate locally (no-op on other strategies)."""
-        strategy = self.trainer.strategy if self._trainer is not None else None
+        strategy = self.module.trainer.strategy if self.module._trainer is not None else None
         if last or not isinstance(strategy, ParallelStrategy):
             return contextlib.nullcontext()
         return strategy.block_backward_sync()
 
     def _clip_gradients(self) -> float:
-        wrapped = self.trainer.strategy.model if self._trainer is not None else None
+        wrapped = self.module.trainer.strategy.model if self.module._trainer is not None else None
         if is_fsdp(wrapped):
             # Sharded gradients: only FSDP's own clip sees the global norm.
-            limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+            limit = self.module.max_grad_norm if self.module.max_grad_norm > 0 else float("inf")
             return float(wrapped.clip_grad_norm_(limit))  # type: ignore[union-attr,operator]
-        params = [p for p in self.trainable_parameters() if p.grad is not None]
-        if self.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        params = [p for p in self.module.trainable_parameters() if p.grad is not None]
+        if self.module.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.module.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         return float(norm)

@@ -11,51 +11,34 @@ written at a validation step takes the steps the uninterrupted run took.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import MeanMetric
 
 from cppo_lightning.checkpoints import rng_states, set_rng_states
 from cppo_lightning.records import PromptBatch
-from cppo_lightning.rewards import WeightedReward
-from cppo_lightning.rollout import RolloutEngine, Sampling, collect_rollouts
+from cppo_lightning.rollout import Sampling, collect_rollouts
+
+if TYPE_CHECKING:
+    from cppo_lightning.module import CPPOModule
 
 
-class HeldOutValidation(LightningModule):
-    """The validation hooks of :class:`~cppo_lightning.module.CPPOModule`, which sets the
-    attributes declared here from its constructor arguments (documented there) and calls
-    :meth:`init_validation_metrics` from its constructor."""
+class HeldOutValidation:
+    """Held-out validation of :class:`~cppo_lightning.module.CPPOModule` (``module.validation``):
+    the module's validation hooks call these. The module owns the running means
+    (``val_accuracy``, ``val_reward``, ``val_response_length``) and the settings.
+    """
 
-    policy: torch.nn.Module | None
-    processor: Any
-    reward: WeightedReward
-    suppress_token_ids: list[int]
-    max_new_tokens: int
-    val_temperature: float
-    val_samples: int
-    val_accuracy_term: str | None
-    generation_batch_size: int | None
-
-    def _generation_context(self) -> contextlib.AbstractContextManager[None]:
-        raise NotImplementedError
-
-    @property
-    def rollout_engine(self) -> RolloutEngine:
-        raise NotImplementedError
-
-    def sync_rollout_engine(self) -> None:
-        raise NotImplementedError
+    def __init__(self, module: CPPOModule) -> None:
+        self.module = module
+        self._training_rng: dict[str, Any] = {}  # generator states while validation runs
 
     def check_val_accuracy_term(self) -> None:
         """Refuse a ``val_accuracy_term`` that is not one of the reward's terms, and say which
         term ``val/accuracy`` reports (called when fit or validate starts, before any
         generation)."""
-        term, terms = self.val_accuracy_term, sorted(self.reward.functions)
+        term, terms = self.module.val_accuracy_term, sorted(self.module.reward.functions)
         if term is not None and term not in terms:
             raise ValueError(
                 f"model.val_accuracy_term={term!r} is not a term of model.reward (its terms: "
@@ -69,17 +52,10 @@ class HeldOutValidation(LightningModule):
             else "validation: no val/accuracy is logged (model.val_accuracy_term is null)"
         )
 
-    def init_validation_metrics(self) -> None:
-        """Create the running means that validation fills (call once, in ``__init__``)."""
-        self._training_rng: dict[str, Any] = {}  # generator states while validation runs
-        self.val_accuracy = MeanMetric()
-        self.val_reward = MeanMetric()
-        self.val_response_length = MeanMetric()
-
     def on_validation_start(self) -> None:
-        if self.trainer.state.fn == TrainerFn.VALIDATING:  # fit checks when it starts
+        if self.module.trainer.state.fn == TrainerFn.VALIDATING:  # fit checks when it starts
             self.check_val_accuracy_term()
-        self.sync_rollout_engine()
+        self.module.sync_rollout_engine()
         # Held-out sampling draws from its own stream: a validation never moves the training
         # run's generators, so a run resumed from the checkpoint written at a validation step
         # takes the steps the uninterrupted run took.
@@ -88,35 +64,35 @@ class HeldOutValidation(LightningModule):
     def on_validation_end(self) -> None:
         set_rng_states(self._training_rng)
 
-    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        assert self.policy is not None
-        with self._generation_context():
+    def validation_step(self, batch: PromptBatch) -> None:
+        assert self.module.policy is not None
+        with self.module._generation_context():
             rollout = collect_rollouts(
-                self.policy,
-                self.processor,
+                self.module.policy,
+                self.module.processor,
                 batch,
-                self.reward,
+                self.module.reward,
                 Sampling(
-                    self.max_new_tokens,
-                    self.val_temperature,
-                    batch_size=self.generation_batch_size,
+                    self.module.max_new_tokens,
+                    self.module.val_temperature,
+                    batch_size=self.module.generation_batch_size,
                 ),
-                group_size=self.val_samples,
-                suppress_token_ids=self.suppress_token_ids,
-                engine=self.rollout_engine,
+                group_size=self.module.val_samples,
+                suppress_token_ids=self.module.suppress_token_ids,
+                engine=self.module.rollout_engine,
             )
-        if self.val_accuracy_term is not None:  # a term of the reward: checked at the start
-            self.val_accuracy.update(rollout.reward_terms[self.val_accuracy_term])
-        self.val_reward.update(rollout.rewards)
-        self.val_response_length.update(rollout.response_mask.sum(1).float())
+        if self.module.val_accuracy_term is not None:  # a term of the reward: checked at the start
+            self.module.val_accuracy.update(rollout.reward_terms[self.module.val_accuracy_term])
+        self.module.val_reward.update(rollout.rewards)
+        self.module.val_response_length.update(rollout.response_mask.sum(1).float())
 
     def on_validation_epoch_end(self) -> None:
         named = {
-            "val/accuracy": self.val_accuracy,
-            "val/reward": self.val_reward,
-            "val/response_length": self.val_response_length,
+            "val/accuracy": self.module.val_accuracy,
+            "val/reward": self.module.val_reward,
+            "val/response_length": self.module.val_response_length,
         }
-        if self.val_accuracy_term is None:
+        if self.module.val_accuracy_term is None:
             del named["val/accuracy"]
         metrics = {name: metric.compute() for name, metric in named.items()}
         for metric in named.values():
@@ -126,9 +102,13 @@ class HeldOutValidation(LightningModule):
         # held-out set before training: the baseline a run is judged against.
         # Under `cppo validate` Lightning logs them itself and prints them as a table (it shows
         # only what goes to the logger).
-        validating = self.trainer.state.fn == TrainerFn.VALIDATING
-        for logger in [] if validating else self.loggers:
-            logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.global_step)
-        if not self.trainer.sanity_checking:
+        validating = self.module.trainer.state.fn == TrainerFn.VALIDATING
+        for logger in [] if validating else self.module.loggers:
+            logger.log_metrics(
+                {k: float(v) for k, v in metrics.items()}, step=self.module.global_step
+            )
+        if not self.module.trainer.sanity_checking:
             # Already global (torchmetrics syncs in compute); sync_dist only keeps ranks in step.
-            self.log_dict(metrics, logger=validating, sync_dist=True)  # for callbacks and the bar
+            self.module.log_dict(
+                metrics, logger=validating, sync_dist=True
+            )  # for callbacks and the bar

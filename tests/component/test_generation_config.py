@@ -82,7 +82,9 @@ def test_rollouts_ignore_the_checkpoint_and_match_training(
     mask = rollout.response_mask.bool()
     assert mask.sum() > 20
     with torch.no_grad():
-        train = module.sequence_logps(module.policy, rollout, torch.arange(rollout.num_responses))
+        train = module.update.sequence_logps(
+            module.policy, rollout, torch.arange(rollout.num_responses)
+        )
     gap = (rollout.sampler_logp - train).abs()[mask]
     assert rollout.sampler_logp.dtype == torch.float32
     assert gap.mean() < 1e-5, gap.mean()
@@ -104,7 +106,9 @@ def test_sampler_logps_follow_temperature_and_top_p(tiny_model_dir, shapes_rows,
     )
     mask = rollout.response_mask.bool()
     with torch.no_grad():
-        train = module.sequence_logps(module.policy, rollout, torch.arange(rollout.num_responses))
+        train = module.update.sequence_logps(
+            module.policy, rollout, torch.arange(rollout.num_responses)
+        )
     gap = (rollout.sampler_logp - train).abs()[mask]
     if top_p == 1.0:
         assert gap.max() < 1e-4

@@ -35,13 +35,15 @@ def _varied_rollout(module, rows):  # type: ignore[no-untyped-def]
     mask = (torch.arange(rollout.response_ids.shape[1]) < lengths[:, None]).long()
     ids = rollout.response_ids.masked_fill(mask == 0, module.processor.tokenizer.pad_token_id)
     rollout = dataclasses.replace(rollout, response_ids=ids, response_mask=mask, sampler_logp=None)
-    return module.prepare_update(rollout)
+    return module.update.prepare_update(rollout)
 
 
 def _gradients(module, rollout):  # type: ignore[no-untyped-def]
     module.policy.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
-    count = module.accumulate_gradients(rollout, torch.arange(rollout.num_responses), sums, [])
+    count = module.update.accumulate_gradients(
+        rollout, torch.arange(rollout.num_responses), sums, []
+    )
     grads = {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
     return count, grads
 
@@ -72,7 +74,7 @@ def test_packing_pads_less(tiny_model_dir, shapes_rows):
     index = torch.arange(rollout.num_responses)
 
     def padded_tokens() -> int:
-        micros = module._micro_batches(rollout, index)
+        micros = module.update._micro_batches(rollout, index)
         return sum(int(rollout.take(m).response_mask.numel()) for m in micros)
 
     fixed = padded_tokens()

@@ -37,9 +37,9 @@ def test_lora_reference_is_the_base_model_with_adapters_off(
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)
     with torch.no_grad():
-        ref = module._reference_logps(rollout, index)
-        base = module.sequence_logps(tiny_policy[0], rollout, index)
-        adapted = module.sequence_logps(module.policy, rollout, index)
+        ref = module.update._reference_logps(rollout, index)
+        base = module.update.sequence_logps(tiny_policy[0], rollout, index)
+        adapted = module.update.sequence_logps(module.policy, rollout, index)
     mask = rollout.response_mask.bool()
     torch.testing.assert_close(ref[mask], base[mask])
     assert not torch.allclose(adapted[mask], base[mask])
@@ -49,18 +49,18 @@ def test_lora_reference_is_the_base_model_with_adapters_off(
 
 def test_several_mini_batches_recompute_old_logps(tiny_model_dir, shapes_rows):
     module = _module(tiny_model_dir, mini_batch_size=1)
-    rollout = module.prepare_update(_rollout(module, shapes_rows[:2]))
+    rollout = module.update.prepare_update(_rollout(module, shapes_rows[:2]))
     assert rollout.old_logp is not None and rollout.old_logp.shape == rollout.response_ids.shape
     assert rollout.ref_logp is not None and rollout.advantages is not None
     # Before any update, old, reference and current log-probs coincide.
     mask = rollout.response_mask.bool()
     torch.testing.assert_close(rollout.old_logp[mask], rollout.ref_logp[mask])
-    assert [len(m) for m in module._mini_batches(rollout)] == [2, 2]
+    assert [len(m) for m in module.update._mini_batches(rollout)] == [2, 2]
 
 
 def test_one_mini_batch_skips_the_old_logp_pass(tiny_model_dir, shapes_rows):
     module = _module(tiny_model_dir, kl_coef=0.0)
-    rollout = module.prepare_update(_rollout(module, shapes_rows[:2]))
+    rollout = module.update.prepare_update(_rollout(module, shapes_rows[:2]))
     assert rollout.old_logp is None and rollout.ref_logp is None
 
 
@@ -69,7 +69,7 @@ def test_a_batch_that_lost_a_row_keeps_a_smaller_last_mini_batch(tiny_model_dir,
     # that lost a row to an unreadable image still trains, with a smaller last mini-batch.
     module = _module(tiny_model_dir, mini_batch_size=2)
     rollout = _rollout(module, shapes_rows[:3])
-    sizes = [len(m) for m in module._mini_batches(rollout)]
+    sizes = [len(m) for m in module.update._mini_batches(rollout)]
     assert sizes == [2 * rollout.group_size, rollout.group_size]
 
 
@@ -163,14 +163,16 @@ def test_a_cosine_period_shorter_than_the_run_warns(tiny_model_dir, period, warn
 def test_val_accuracy_term_must_be_a_term_of_the_reward(caplog):
     reward = WeightedReward({"length": length_reward}, {"length": 1.0})
     with pytest.raises(ValueError) as error:
-        CPPOModule(reward=reward).check_val_accuracy_term()  # the default term, `accuracy`
+        CPPOModule(
+            reward=reward
+        ).validation.check_val_accuracy_term()  # the default term, `accuracy`
     assert str(error.value) == (
         "model.val_accuracy_term='accuracy' is not a term of model.reward (its terms: length): "
         "set model.val_accuracy_term to one of them, or to null to log no val/accuracy."
     )
     with caplog.at_level("INFO"):
-        CPPOModule(reward=reward, val_accuracy_term="length").check_val_accuracy_term()
-        CPPOModule(reward=reward, val_accuracy_term=None).check_val_accuracy_term()
+        CPPOModule(reward=reward, val_accuracy_term="length").validation.check_val_accuracy_term()
+        CPPOModule(reward=reward, val_accuracy_term=None).validation.check_val_accuracy_term()
     messages = [r.getMessage() for r in caplog.records if "val/accuracy" in r.getMessage()]
     assert messages == [
         "validation: val/accuracy is the mean of reward term 'length' (model.val_accuracy_term)",

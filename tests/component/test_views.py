@@ -106,9 +106,9 @@ def test_identical_views_select_nothing_and_add_no_loss(tiny_model_dir):
     dm = _datamodule(tiny_model_dir, Identity(), Identity())
     module = _cppo_module(tiny_model_dir)
     batch = _first_batch(dm)
-    rollout = module.prepare_update(module.collect_rollout(batch, Sampling(12, 1.0)))
+    rollout = module.update.prepare_update(module.collect_rollout(batch, Sampling(12, 1.0)))
     index = torch.arange(rollout.num_responses)
-    _loss, stats, term = module.compute_loss(rollout, index)
+    _loss, stats, term = module.update.compute_loss(rollout, index)
     assert term is not None and term.mask is not None and not term.mask.any()
     assert stats["perception/cpl"] == 0 and stats["perception/selected_tokens"] == 0
 
@@ -117,9 +117,9 @@ def test_the_contrastive_term_trains_through_the_views(tiny_model_dir):
     dm = _datamodule(tiny_model_dir, Identity(), PatchMask(mask_prob=1.0))
     module = _cppo_module(tiny_model_dir)
     batch = _first_batch(dm)
-    rollout = module.prepare_update(module.collect_rollout(batch, Sampling(12, 1.0)))
+    rollout = module.update.prepare_update(module.collect_rollout(batch, Sampling(12, 1.0)))
     index = torch.arange(rollout.num_responses)
-    _, stats, term = module.compute_loss(rollout, index)
+    _, stats, term = module.update.compute_loss(rollout, index)
     assert term is not None and term.mask is not None
     assert term.mask.any() and stats["perception/selected_tokens"] > 0
     # The entropies detection scored with travel with the mask, for the monitor's baselines.
@@ -129,7 +129,7 @@ def test_the_contrastive_term_trains_through_the_views(tiny_model_dir):
     # The CPL alone (lambda large, policy loss zeroed by zero advantages) has a gradient.
     rollout = dataclasses.replace(rollout, advantages=torch.zeros_like(rollout.advantages))
     module.set_cpl_weight(1.0)
-    loss, stats, term = module.compute_loss(rollout, index)
+    loss, stats, term = module.update.compute_loss(rollout, index)
     assert term is not None and term.mask is not None and term.mask.any()
     loss.backward()
     grads = [p.grad for p in module.trainable_parameters() if p.grad is not None]
@@ -142,9 +142,11 @@ def test_a_micro_batch_with_every_response_gated_out_still_reports_entropies(tin
     dm = _datamodule(tiny_model_dir, Identity(), PatchMask(mask_prob=1.0))
     module = _cppo_module(tiny_model_dir)
     module.set_token_selector(TokenSelector(gate_advantages=True))
-    rollout = module.prepare_update(module.collect_rollout(_first_batch(dm), Sampling(12, 1.0)))
+    rollout = module.update.prepare_update(
+        module.collect_rollout(_first_batch(dm), Sampling(12, 1.0))
+    )
     rollout = dataclasses.replace(rollout, advantages=torch.zeros_like(rollout.advantages))
-    _, stats, term = module.compute_loss(rollout, torch.arange(rollout.num_responses))
+    _, stats, term = module.update.compute_loss(rollout, torch.arange(rollout.num_responses))
     assert stats["perception/gated_fraction"] == 0
     assert term is not None and term.mask is not None and not term.mask.any()
     assert term.entropy is not None and term.entropy_removed is not None

@@ -43,7 +43,9 @@ def _module(model_dir, objective, **selector) -> CPPOModule:  # type: ignore[no-
 def _rollout(module: CPPOModule, model_dir, advantages: str = "ones") -> RolloutBatch:  # type: ignore[no-untyped-def]
     dm = _datamodule(model_dir, Identity(), PatchMask(mask_prob=1.0))
     torch.manual_seed(0)
-    rollout = module.prepare_update(module.collect_rollout(_first_batch(dm), Sampling(12, 1.0)))
+    rollout = module.update.prepare_update(
+        module.collect_rollout(_first_batch(dm), Sampling(12, 1.0))
+    )
     n = rollout.num_responses
     if advantages == "ones":  # every response positive: the gate keeps all of them
         values = torch.ones(n)
@@ -55,7 +57,7 @@ def _rollout(module: CPPOModule, model_dir, advantages: str = "ones") -> Rollout
 def _scores(module: CPPOModule, rollout: RolloutBatch, vision):  # type: ignore[no-untyped-def]
     """Log-probs and entropies of every response under ``vision`` (None: the original image)."""
     index = torch.arange(rollout.num_responses)
-    return module.score(module.policy, rollout, index, vision).logps_and_entropy()
+    return module.update.score(module.policy, rollout, index, vision).logps_and_entropy()
 
 
 def _mean_k3(module: CPPOModule, rollout: RolloutBatch, vision, mask) -> float:  # type: ignore[no-untyped-def]
@@ -85,7 +87,7 @@ def test_the_cpl_gets_the_preserving_view_as_positive_and_the_removing_one_as_ne
     rollout = _rollout(module, MODEL)
     views = rollout.prompts.views
     assert torch.equal(views.vision_pos["pixel_values"], rollout.prompts.vision["pixel_values"])
-    _, stats, term = module.compute_loss(rollout, torch.arange(rollout.num_responses))
+    _, stats, term = module.update.compute_loss(rollout, torch.arange(rollout.num_responses))
     assert stats["perception/selected_tokens"] > 0
     assert float(stats["perception/d_pos"]) == 0.0
     expected = _mean_k3(module, rollout, views.vision_neg, term.mask)
@@ -101,7 +103,7 @@ def test_a_cpl_step_raises_the_divergence_to_the_removing_view():
     module = _module(MODEL, ContrastivePerception(), gate_advantages=False)
     rollout = _rollout(module, MODEL)
     rollout = dataclasses.replace(rollout, advantages=torch.zeros_like(rollout.advantages))
-    loss, stats, term = module.compute_loss(rollout, torch.arange(rollout.num_responses))
+    loss, stats, term = module.update.compute_loss(rollout, torch.arange(rollout.num_responses))
     assert float(stats["train/policy_loss"]) == 0.0 and term.mask.any()
     views, selected = rollout.prompts.views, term.mask.bool()
     before = _mean_k3(module, rollout, views.vision_neg, selected)
@@ -134,7 +136,7 @@ def test_the_cpl_gradient_pushes_the_removing_views_log_probs_away(monkeypatch):
     module = _module(MODEL, ContrastivePerception(), gate_advantages=False)
     rollout = _rollout(module, MODEL)
     rollout = dataclasses.replace(rollout, advantages=torch.zeros_like(rollout.advantages))
-    loss, _, term = module.compute_loss(rollout, torch.arange(rollout.num_responses))
+    loss, _, term = module.update.compute_loss(rollout, torch.arange(rollout.num_responses))
     views, selected = rollout.prompts.views, term.mask.bool()
 
     def push(vision):  # type: ignore[no-untyped-def]
@@ -165,8 +167,8 @@ def test_detection_ranks_the_entropy_rise_under_the_removing_view(policy):
     module = _module(MODEL, ContrastivePerception(), gate_advantages=False)
     rollout = _rollout(module, MODEL)
     if policy == "rollout":
-        rollout = module.detect_perception_tokens(rollout)
-    _, _, term = module.compute_loss(rollout, torch.arange(rollout.num_responses))
+        rollout = module.update.detect_perception_tokens(rollout)
+    _, _, term = module.update.compute_loss(rollout, torch.arange(rollout.num_responses))
     with torch.no_grad():
         entropy = _scores(module, rollout, None)[1]
         entropy_neg = _scores(module, rollout, rollout.prompts.views.vision_neg)[1]
@@ -188,8 +190,8 @@ def test_the_advantage_gate_keeps_positive_advantage_responses(policy):
     module = _module(MODEL, ContrastivePerception(), gate_advantages=True)
     rollout = _rollout(module, MODEL, advantages="alternate")
     if policy == "rollout":
-        rollout = module.detect_perception_tokens(rollout)
-    _, stats, term = module.compute_loss(rollout, torch.arange(rollout.num_responses))
+        rollout = module.update.detect_perception_tokens(rollout)
+    _, stats, term = module.update.compute_loss(rollout, torch.arange(rollout.num_responses))
     positive = rollout.advantages > 0
     assert float(stats["perception/gated_fraction"]) == pytest.approx(0.5)
     assert not term.mask[~positive].any()
@@ -204,7 +206,7 @@ def test_papo_pushes_the_masked_view_away():
     module = _module(MODEL, objective)
     rollout = _rollout(module, MODEL)
     rollout = dataclasses.replace(rollout, advantages=torch.zeros_like(rollout.advantages))
-    loss, stats, _ = module.compute_loss(rollout, torch.arange(rollout.num_responses))
+    loss, stats, _ = module.update.compute_loss(rollout, torch.arange(rollout.num_responses))
     vision_masked = rollout.prompts.views.vision_neg
     mask = rollout.response_mask
     before = _mean_k3(module, rollout, vision_masked, mask)
