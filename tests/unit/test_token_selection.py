@@ -9,6 +9,7 @@ import torch
 
 from cppo_lightning.losses.token_selection import (
     selection_stats,
+    selection_threshold,
     top_entropy_mask,
     top_fraction_mask,
 )
@@ -113,6 +114,20 @@ def test_selection_stats_by_hand():
     torch.testing.assert_close(stats["rejected_mean"], torch.tensor(0.86))
     empty = selection_stats(ENTROPY, torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.bool))
     assert empty["fraction"] == 0 and torch.isnan(empty["selected_mean"])
+
+
+def test_selection_threshold_by_hand():
+    # rho 0.4 over 7 valid tokens keeps ceil(2.8) = 3: 3.0, 2.0 (0, 1), 2.0 (1, 2) -> lowest 2.0;
+    # the padding's 9.9 is never the threshold. Per response (rho 0.4): row 0 keeps ceil(1.2) = 2
+    # (2.0, 1.0) -> 1.0, row 1 keeps ceil(1.6) = 2 (3.0, 2.0) -> 2.0; mean 1.5.
+    batch = top_entropy_mask(ENTROPY, MASK, 0.4)
+    torch.testing.assert_close(selection_threshold(ENTROPY, MASK, batch), torch.tensor(2.0))
+    rows = top_entropy_mask(ENTROPY, MASK, 0.4, per_response=True)
+    torch.testing.assert_close(
+        selection_threshold(ENTROPY, MASK, rows, per_response=True), torch.tensor(1.5)
+    )
+    nothing = torch.zeros(2, 4, dtype=torch.bool)
+    assert torch.isnan(selection_threshold(ENTROPY, MASK, nothing))
 
 
 def test_refuses_bad_arguments():

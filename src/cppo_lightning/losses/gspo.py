@@ -6,8 +6,8 @@ and clips it per response with a range two orders of magnitude narrower than tok
 
     loss, stats = sequence_ratio_loss(logp, old_logp, adv, mask, clip_low=3e-4, clip_high=4e-4)
 
-Groundwork for issue 31: nothing in the training step calls this yet; the later wiring selects it
-at the "importance ratio level" seam (docs/methods-sources.md).
+The training step reaches it through :class:`cppo_lightning.methods.SequenceRatio` at the
+``model.policy_loss`` seam (``configs/experiments/gspo.yaml``; docs/methods-sources.md).
 
 Where the defaults come from:
 
@@ -86,6 +86,7 @@ def sequence_ratio_loss(
     dual_clip: float | None = None,
     agg: str = "seq-mean-token-mean",
     agg_constant: float | None = None,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO (or GSPO-token) clipped surrogate with the sequence-level importance ratio.
 
@@ -107,8 +108,10 @@ def sequence_ratio_loss(
       ``-A_i s_i / T``, T the valid tokens), as the paper states for GSPO-token.
 
     With ``dual_clip=c`` (off by default, see the module docstring), ``l = min(l, -A * c)`` where
-    ``A < 0``, as in :func:`cppo_lightning.losses.policy_loss`. The per-token losses are reduced
-    by :func:`cppo_lightning.losses.aggregate`.
+    ``A < 0``, as in :func:`cppo_lightning.losses.policy_loss`. The per-token losses are
+    multiplied by ``weight`` (when given) and reduced by :func:`cppo_lightning.losses.aggregate`
+    over ``mask``. The ratio ``s_i`` always averages over every valid token of ``mask``: a weight
+    changes which tokens carry the loss, not the sequence's likelihood ratio.
 
     Args:
         logp: Log-probs of the sampled tokens under the policy being optimised (carries grad).
@@ -123,6 +126,10 @@ def sequence_ratio_loss(
         agg: ``"seq-mean-token-mean"`` (default, paper and verl), ``"token-mean"`` or
             ``"seq-sum-constant"``; see :func:`cppo_lightning.losses.aggregate`.
         agg_constant: The ``constant`` of ``agg="seq-sum-constant"``.
+        weight: Per-token weights ``[N, L]`` the per-token losses are multiplied by before
+            aggregating over ``mask`` (a token weighting that keeps the full normaliser, see
+            :class:`cppo_lightning.seams.TokenWeighting`), as in
+            :func:`cppo_lightning.losses.policy_loss`; None weighs every token 1.
 
     Returns:
         ``(loss, stats)``: the scalar loss and detached scalars: ``"clip_frac"`` (valid tokens
@@ -134,12 +141,13 @@ def sequence_ratio_loss(
         as ``policy_loss`` reports it) and ``"loss"``.
 
     Raises:
-        ValueError: On mismatched shapes, ``[N, L]`` advantages without ``token_level``, or
-            out-of-range clip arguments.
+        ValueError: On mismatched shapes (``weight`` included), ``[N, L]`` advantages without
+            ``token_level``, or out-of-range clip arguments.
 
     Shape:
         - logp, old_logp, mask: ``[N, L]``.
         - advantages: ``[N]``, or ``[N, L]`` with ``token_level=True``.
+        - weight: ``[N, L]`` or None.
         - loss: ``[]``; every stats value: ``[]``.
     """
     if logp.dim() != 2 or logp.shape != old_logp.shape or logp.shape != mask.shape:
@@ -161,6 +169,8 @@ def sequence_ratio_loss(
             f"{tuple(logp.shape)}; got {tuple(advantages.shape)}."
         )
     check_clip_settings(clip_low, clip_high, dual_clip)
+    if weight is not None and weight.shape != logp.shape:
+        raise ValueError(f"weight must be [N, L] = {tuple(logp.shape)}, got {tuple(weight.shape)}.")
 
     valid = mask.bool()  # [N, L]
     has_tokens = valid.any(dim=1)  # [N]
@@ -187,6 +197,8 @@ def sequence_ratio_loss(
     else:
         dual_active = torch.zeros_like(per_token, dtype=torch.bool)
     per_token = per_token.expand_as(logp)  # [N, L]
+    if weight is not None:
+        per_token = per_token * weight.to(per_token.dtype)  # [N, L]
 
     loss = aggregate(per_token, mask, agg=agg, constant=agg_constant)
 

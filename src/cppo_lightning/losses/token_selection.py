@@ -8,9 +8,11 @@ reduce to one rule, :func:`top_fraction_mask`; :func:`top_entropy_mask` is the 8
     H = token_entropy(logits, temperature)                    # [N, L], cppo_lightning.detection
     selected = top_entropy_mask(H, response_mask, 0.2)        # bool [N, L]
 
-Groundwork for issue 31: the later wiring applies the mask at the "token weighting / selection"
-seam. How the selected tokens enter the loss differs between the sources and must be chosen
-there (docs/methods-sources.md):
+The training step applies the masks at the ``model.token_weighting`` seam
+(:class:`cppo_lightning.methods.HighEntropyTokens`,
+:class:`cppo_lightning.methods.DependentTokens`).
+How the selected tokens enter the loss differs between the sources; the component chooses it
+with its ``normalise`` (docs/methods-sources.md):
 
 - the 80/20 authors (``Shenzhi-Wang/Beyond-the-80-20-Rule-RLVR``, ``verl/trainer/ppo/core_algos.py``
   ``compute_policy_loss_vanilla``) aggregate over ``response_mask * entropy_top_mask``, i.e. the
@@ -45,7 +47,13 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["SELECTION_RULES", "selection_stats", "top_entropy_mask", "top_fraction_mask"]
+__all__ = [
+    "SELECTION_RULES",
+    "selection_stats",
+    "selection_threshold",
+    "top_entropy_mask",
+    "top_fraction_mask",
+]
 
 SELECTION_RULES = ("count", "quantile")
 
@@ -240,3 +248,38 @@ def selection_stats(scores: Tensor, mask: Tensor, selected: Tensor) -> dict[str,
             "selected_mean": mean(kept),
             "rejected_mean": mean(rejected),
         }
+
+
+def selection_threshold(
+    scores: Tensor, mask: Tensor, selected: Tensor, *, per_response: bool = False
+) -> Tensor:
+    """The score a token needed to be selected: the lowest selected score of the pool.
+
+    Over the batch (``per_response=False``) the lowest score among the selected valid tokens
+    (the k-th highest of the count rule). Per response, the mean over the responses with a
+    selected token of each one's lowest selected score, as VPPO's authors log
+    ``actor/low_var_kl_threshold`` (the mean of each response's k-th largest dependency,
+    ``dp_actor.update_policy``). NaN when nothing is selected (nothing to report).
+
+    Shape:
+        - scores, mask, selected: ``[N, L]``.
+        - output: ``[]``.
+    """
+    if not scores.shape == mask.shape == selected.shape or scores.dim() != 2:
+        raise ValueError(
+            f"scores, mask and selected must all be [N, L] with the same shape, got "
+            f"{tuple(scores.shape)}, {tuple(mask.shape)} and {tuple(selected.shape)}."
+        )
+    with torch.no_grad():
+        values = scores.detach()
+        dtype = values.dtype if values.is_floating_point() else torch.get_default_dtype()
+        values = values.to(dtype)
+        kept = selected.detach().bool() & mask.detach().bool()  # [N, L]
+        lowest = torch.where(kept, values, torch.full_like(values, math.inf))  # [N, L]
+        if not per_response:
+            lowest = lowest.reshape(1, -1)  # [1, N * L]
+            kept = kept.reshape(1, -1)
+        rows = kept.any(dim=1)  # [R]
+        if not bool(rows.any()):
+            return torch.full((), math.nan, dtype=dtype, device=values.device)
+        return lowest.min(dim=1).values[rows].mean()

@@ -11,10 +11,10 @@ gradient only on the most dependent tokens of each response ("token gradient fil
     scale, stats = vppo_advantage_scale(score, scale_min=0.9, bounds=(low, high))
     advantages = advantages * scale                                # [N]
 
-Groundwork for issue 31: nothing in the training step calls these yet; the wiring needs a
-patch-masked view per prompt, one extra no-grad forward per rollout batch (``masked_logp``), the
-"advantage transform" seam for the scale and the "token weighting" seam for the mask
-(docs/methods-sources.md).
+The training step reaches these through :mod:`cppo_lightning.methods.vppo`
+(``configs/experiments/vppo.yaml``): a patch-masked view per prompt, one extra no-grad forward per
+rollout batch (``removed_logp``, the ``masked_logp`` here), the ``model.advantage`` seam for the
+scale and the ``model.token_weighting`` seam for the mask (docs/methods-sources.md).
 
 Everything below is read from the authors' code, ``huaixuheqing/VPPO-RL`` (an EasyR1 fork; HEAD
 a23c54b, 2026-04-03): ``verl/workers/actor/dp_actor.py`` ``DataParallelPPOActor.update_policy``,

@@ -8,5 +8,15 @@ of the ``model.policy_loss`` seam; CPPO's and PAPO's objectives are in
 """
 
 from cppo_lightning.methods.grpo import ClippedTokenRatio
+from cppo_lightning.methods.gspo import SequenceRatio
+from cppo_lightning.methods.high_entropy import HighEntropyTokens
+from cppo_lightning.methods.vppo import DependencyShaping, DependentTokens, EntropyPenalty
 
-__all__ = ["ClippedTokenRatio"]
+__all__ = [
+    "ClippedTokenRatio",
+    "DependencyShaping",
+    "DependentTokens",
+    "EntropyPenalty",
+    "HighEntropyTokens",
+    "SequenceRatio",
+]
