@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from cppo_lightning.study.report import (
     t_quantile,
     to_markdown,
 )
-from cppo_lightning.study.runs import merge_attempts
+from cppo_lightning.study.runs import merge_attempts, read_record
 from cppo_lightning.study.settings import (
     check_settings,
     compare_settings,
@@ -170,7 +171,7 @@ def test_settings_mismatch_is_found_and_refused(tmp_path):
 
     # On disk: the same settings continue the study, with a new method added to it.
     (tmp_path / "study").mkdir()
-    (tmp_path / "study" / "study-settings.json").write_text(__import__("json").dumps(same))
+    (tmp_path / "study" / "study-settings.json").write_text(json.dumps(same))
     more = _settings(tmp_path)
     more["overlays"]["dapo"] = None
     assert list(check_settings(tmp_path / "study", more)["overlays"]) == ["grpo", "cppo", "dapo"]
@@ -188,3 +189,28 @@ def test_unknown_method_is_refused_listing_the_overlays(tmp_path):
         resolve_methods(["cppo", "nosuch"], cwd=tmp_path)
     with pytest.raises(ConfigError, match="given twice"):
         resolve_methods(["cppo", "cppo"], cwd=tmp_path)
+
+
+def test_a_finished_run_stays_finished_when_the_study_moves(tmp_path):
+    run_dir = tmp_path / "moved" / "runs" / "grpo-seed0"
+    version = run_dir / "lightning_logs" / "version_1"
+    record = {
+        "method": "grpo",
+        "seed": 0,
+        "status": "finished",
+        "log_dir": "/elsewhere/runs/grpo-seed0/lightning_logs/version_1",
+        "attempts": ["/elsewhere/runs/grpo-seed0/lightning_logs/version_0"],
+    }
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps(record))
+    assert read_record(run_dir) is None  # no policy, no evaluation: not finished
+    (version / "hf_policy").mkdir(parents=True)
+    (version / "hf_policy" / "config.json").write_text("{}")
+    assert read_record(run_dir) is None
+    (version / "eval").mkdir()
+    (version / "eval" / "results.json").write_text("{}")
+    found = read_record(run_dir)
+    assert found is not None and found["log_dir"] == str(version)
+    assert found["attempts"] == [str(run_dir / "lightning_logs" / "version_0")]
+    (run_dir / "run.json").write_text('{"status": "finished", "log_')  # cut: not finished
+    assert read_record(run_dir) is None

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report-only",
         action="store_true",
-        help="train and evaluate nothing: write the report of the finished runs",
+        help="train and evaluate nothing: write the report of the study's finished runs (its "
+        "own settings are reported; this command's are not checked)",
     )
     return parser
 
@@ -341,9 +342,16 @@ def main(argv: list[str] | None = None) -> int:
         args.eval_set,
         args.eval_batch_size,
     )
-    settings = check_settings(output, current)
     fresh: list[dict[str, Any]] = []
-    if not args.report_only:
+    if args.report_only:  # the study on disk, whatever this command's settings
+        try:
+            settings = json.loads((output / SETTINGS_FILE).read_text())
+        except (OSError, ValueError):
+            raise ConfigError(
+                f"--report-only: no readable {SETTINGS_FILE} in {output}: run the study first."
+            ) from None
+    else:
+        settings = check_settings(output, current)
         output.mkdir(parents=True, exist_ok=True)
         path = output / SETTINGS_FILE
         run_files.write_atomic(path, json.dumps(settings, indent=2) + "\n")
@@ -364,8 +372,6 @@ def main(argv: list[str] | None = None) -> int:
                     "same command again to continue (finished runs are kept)."
                 )
                 return 130
-    elif not output.is_dir():
-        raise ConfigError(f"--report-only: no study at {output}; run it first.")
     records = collect(output, list(settings["overlays"]), fresh)
     write_report(output, settings, records)
     bad = [r for r in fresh if r.get("status") != "finished"]

@@ -62,17 +62,28 @@ def fitted_version(run_dir: Path) -> Path | None:
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
     """The run's record when it finished (its policy and its evaluation results still there);
-    None otherwise."""
+    None otherwise. Its paths are made those of ``run_dir``, wherever the study folder was when
+    the record was written (a moved study is still finished)."""
     path = run_dir / RECORD
     try:
         record = json.loads(path.read_text())
-    except (OSError, ValueError):
+        log_dir = run_dir / "lightning_logs" / Path(record["log_dir"]).name
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    log_dir = Path(record.get("log_dir", ""))
     done = (log_dir / POLICY / "config.json").is_file() and (
         log_dir / EVAL_DIR / "results.json"
     ).is_file()
-    return record if record.get("status") == "finished" and done else None
+    if record.get("status") != "finished" or not done:
+        return None
+    logs = run_dir / "lightning_logs"
+    return {
+        **record,
+        "run_dir": str(run_dir),
+        "log_dir": str(log_dir),
+        "policy": str(log_dir / POLICY),
+        "eval_dir": str(log_dir / EVAL_DIR),
+        "attempts": [str(logs / Path(a).name) for a in record.get("attempts", [])],
+    }
 
 
 def read_scalars(folder: Path) -> dict[str, Series]:
