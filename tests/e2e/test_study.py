@@ -123,7 +123,8 @@ def test_a_failed_run_is_named_with_its_log_and_the_others_go_on(tmp_path):
     assert done.returncode == 1, done.stdout + done.stderr
     for method in ("grpo", "cppo"):
         log = tmp_path / "study" / "runs" / f"{method}-seed0" / "fit.log"
-        assert f"{method} seed 0: cppo fit failed (exit status 2); its log: {log}" in done.stdout
+        said = f"{method} seed 0: cppo fit failed (exit status 2); its log: {log} (last line: "
+        assert said + "error: model.kl_coef must be >= 0" in done.stdout
         assert "kl_coef" in log.read_text()  # the run's own output, kept for diagnosis
     study = json.loads((tmp_path / "study" / "study.json").read_text())
     assert [(r["method"], r["status"]) for r in study["runs"]] == [

@@ -214,3 +214,37 @@ def test_a_finished_run_stays_finished_when_the_study_moves(tmp_path):
     assert found["attempts"] == [str(run_dir / "lightning_logs" / "version_0")]
     (run_dir / "run.json").write_text('{"status": "finished", "log_')  # cut: not finished
     assert read_record(run_dir) is None
+
+
+@pytest.mark.parametrize("plots", [True, False])
+def test_report_files_and_plots_or_the_line_that_says_they_were_skipped(
+    tmp_path, monkeypatch, capsys, plots
+):
+    from cppo_lightning.study import plots as plot_module
+    from cppo_lightning.study.command import write_report
+
+    if not plots:
+        monkeypatch.setattr(plot_module, "have_matplotlib", lambda: False)
+    settings = {
+        "configs": [{"path": "configs/base.yaml", "sha256": "0" * 64}],
+        "pass_through": [],
+        "samples": 4,
+        "temperature": 1.0,
+        "eval_set": {"value": "configs/eval/synthetic.yaml", "sha256": None},
+        "overlays": {"grpo": None, "papo": None, "cppo": None},
+    }
+    records = [_record("grpo", s, 0.2 + 0.1 * s) for s in (0, 1)] + [_record("cppo", 0, 0.5)]
+    for r in records:
+        r["curves"] = {"val/accuracy": [[0, 0.1], [2, 0.2 + r["seed"] / 10]]}
+    write_report(tmp_path, settings, records)
+    study = json.loads((tmp_path / "study.json").read_text())
+    assert study["methods"] == ["grpo", "cppo"]  # papo has no run
+    assert study["per_method"]["grpo"]["figures"]["accuracy_original"]["n"] == 2
+    assert "| grpo | 0 1 |" in (tmp_path / "study.md").read_text()
+    out = capsys.readouterr().out
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    if plots:
+        assert pngs == ["accuracy.png", "gap.png"]
+    else:
+        assert pngs == [] and "plots skipped: matplotlib is not installed" in out
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary left behind

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -171,16 +172,28 @@ def run_logged(command: list[str], log: Path, env: dict[str, str] | None) -> int
     """Run ``command`` with its stdout and stderr appended to ``log`` (after a line with the
     command); its exit status."""
     with open(log, "a", encoding="utf-8") as handle:
-        handle.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(command)}\n")
+        handle.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(command)}\n")
         handle.flush()
         return subprocess.run(
             command, stdout=handle, stderr=subprocess.STDOUT, env=env, check=False
         ).returncode
 
 
+def last_line(log: Path) -> str:
+    """`` (last line: ...)`` of ``log``, empty when there is none."""
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 4096))
+            lines = [ln for ln in handle.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return f" (last line: {lines[-1].strip()[:300]})" if lines else ""
+
+
 def failed(job: Job, what: str, status: int | str, log: Path) -> dict[str, Any]:
-    """The record of a run that did not finish, said on stdout with its log."""
-    say(f"{job.name}: {what} failed ({status}); its log: {log}")
+    """The record of a run that did not finish, said on stdout with its log (and the log's last
+    line, often the error)."""
+    say(f"{job.name}: {what} failed ({status}); its log: {log}{last_line(log)}")
     return {
         "method": job.method.label,
         "seed": job.seed,
