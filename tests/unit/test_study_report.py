@@ -17,7 +17,7 @@ from cppo_lightning.study.report import (
     t_quantile,
     to_markdown,
 )
-from cppo_lightning.study.runs import merge_attempts, read_record
+from cppo_lightning.study.runs import merge_attempts, read_record, resume_checkpoint
 from cppo_lightning.study.settings import (
     check_settings,
     compare_settings,
@@ -248,3 +248,26 @@ def test_report_files_and_plots_or_the_line_that_says_they_were_skipped(
     else:
         assert pngs == [] and "plots skipped: matplotlib is not installed" in out
     assert not list(tmp_path.glob(".*tmp"))  # no temporary left behind
+
+
+def test_a_cut_run_resumes_from_its_newest_stop_or_last_checkpoint(tmp_path):
+    import os
+
+    logs = tmp_path / "lightning_logs"
+    assert resume_checkpoint(tmp_path) is None  # nothing yet: start again
+    files = {
+        "version_0/checkpoints/last.ckpt": 100,
+        "version_0/checkpoints/step=200.ckpt": 400,  # last.ckpt is saved with these
+        "version_1/checkpoints/interrupted-step=250.ckpt": 300,  # Ctrl-C of the resumed attempt
+        "version_1/checkpoints/reward-failure-step=260.ckpt": 500,  # not resumed from
+    }
+    for name, mtime in files.items():
+        path = logs / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        os.utime(path, (mtime, mtime))
+    assert resume_checkpoint(tmp_path) == logs / "version_1/checkpoints/interrupted-step=250.ckpt"
+    newest = logs / "version_2/checkpoints/preempted-step=270.ckpt"
+    newest.parent.mkdir(parents=True)
+    newest.write_bytes(b"")
+    assert resume_checkpoint(tmp_path) == newest

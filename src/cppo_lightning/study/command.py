@@ -126,7 +126,7 @@ def cppo() -> list[str]:
 
 
 def fit_command(
-    job: Job, configs: list[Path], pass_through: list[str], ckpt: str | None
+    job: Job, configs: list[Path], pass_through: list[str], ckpt: Path | None
 ) -> list[str]:
     """``cppo fit`` of one run: the configs, the method's overlay, the seed, the run folder, the
     pass-through flags, and ``--ckpt_path`` when it resumes a cut attempt."""
@@ -206,15 +206,13 @@ def failed(job: Job, what: str, status: int | str, log: Path) -> dict[str, Any]:
 
 def export_resumed(job: Job, log: Path, env: dict[str, str] | None) -> Path | None:
     """The policy of a resumed run whose checkpoint was already at the end (Lightning then
-    trains nothing and ExportPolicy, a train-end hook, does not run): ``cppo export`` of its newest
-    ``last.ckpt`` into the newest attempt's folder; that folder, or None when it fails."""
-    from cppo_lightning.resume import find_last_checkpoint
-
+    trains nothing and ExportPolicy, a train-end hook, does not run): ``cppo export`` of that
+    checkpoint into the newest attempt's folder; that folder, or None when it fails."""
     tried = run_files.attempts(job.run_dir)
-    ckpt = find_last_checkpoint(str(job.run_dir), "lightning_logs")
+    ckpt = run_files.resume_checkpoint(job.run_dir)
     if not tried or ckpt is None:
         return None
-    command = [*cppo(), "export", ckpt, str(tried[-1] / run_files.POLICY)]
+    command = [*cppo(), "export", str(ckpt), str(tried[-1] / run_files.POLICY)]
     if run_logged(command, log, env) != 0:
         return None
     return run_files.fitted_version(job.run_dir)
@@ -224,8 +222,6 @@ def run_job(
     job: Job, args: argparse.Namespace, configs: list[Path], pass_through: list[str]
 ) -> dict[str, Any]:
     """Train and evaluate one run, or skip it when finished: its record."""
-    from cppo_lightning.resume import find_last_checkpoint
-
     record = run_files.read_record(job.run_dir)
     if record is not None:
         say(f"{job.name}: finished before, skipped ({job.run_dir / run_files.RECORD})")
@@ -235,7 +231,7 @@ def run_job(
     start = time.perf_counter()
     log_dir = run_files.fitted_version(job.run_dir)
     if log_dir is None:
-        ckpt = find_last_checkpoint(str(job.run_dir), "lightning_logs")
+        ckpt = run_files.resume_checkpoint(job.run_dir)
         log = job.run_dir / run_files.FIT_LOG
         say(f"{job.name}: training" + (f", resumed from {ckpt}" if ckpt else "") + f" ({log})")
         status = run_logged(fit_command(job, configs, pass_through, ckpt), log, env)

@@ -60,6 +60,20 @@ def fitted_version(run_dir: Path) -> Path | None:
     return None
 
 
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a cut run resumes from: the newest (by modification time) ``last.ckpt``,
+    ``interrupted-step=*.ckpt`` (Ctrl-C) or ``preempted-step=*.ckpt`` (SIGTERM) in its version
+    folders' ``checkpoints/``; None when there is none (the run starts again)."""
+    found = [
+        path
+        for version in versions(run_dir)
+        for pattern in ("last.ckpt", "interrupted-step=*.ckpt", "preempted-step=*.ckpt")
+        for path in (version / "checkpoints").glob(pattern)
+        if path.is_file()
+    ]
+    return max(found, key=lambda p: (p.stat().st_mtime, _number(p.parent.parent)), default=None)
+
+
 def read_record(run_dir: Path) -> dict[str, Any] | None:
     """The run's record when it finished (its policy and its evaluation results still there);
     None otherwise. Its paths are made those of ``run_dir``, wherever the study folder was when
