@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -44,7 +44,13 @@ from cppo_lightning.records import PromptBatch, RolloutBatch, UpdateRecord
 from cppo_lightning.resume import apply_configured_optimizer_settings, configured_optimizer_settings
 from cppo_lightning.rewards import WeightedReward
 from cppo_lightning.rollout import HFGenerate, RolloutEngine, Sampling, collect_rollouts
-from cppo_lightning.seams import AdvantageTransform, LossTerm, PolicyLoss, TokenWeighting
+from cppo_lightning.seams import (
+    AdvantageTransform,
+    GenerationGroup,
+    LossTerm,
+    PolicyLoss,
+    TokenWeighting,
+)
 from cppo_lightning.update import PolicyUpdate, is_fsdp
 from cppo_lightning.validation import HeldOutValidation
 
@@ -273,6 +279,7 @@ class CPPOModule(LightningModule):
         self.reference: torch.nn.Module | None = None
         self.processor: Any = None
         self._rollout: RolloutBatch | None = None
+        self._rollout_for: PromptBatch | None = None  # when its prompts are not the batch
         # What samples every response; the rollout callback hands over its own in setup.
         self._rollout_engine: RolloutEngine = HFGenerate()
         self._engine_step = 0  # global_step when the engine last had the policy's weights
@@ -489,10 +496,15 @@ class CPPOModule(LightningModule):
 
     # ------------------------------------------------------------------ rollouts
     def collect_rollout(
-        self, prompts: PromptBatch, sampling: Sampling, engine: RolloutEngine | None = None
+        self,
+        prompts: PromptBatch,
+        sampling: Sampling,
+        engine: RolloutEngine | None = None,
+        parts: Sequence[GenerationGroup] | None = None,
     ) -> RolloutBatch:
         """Sample G responses per prompt with the current policy (through ``engine``,
-        :attr:`rollout_engine` when None) and score them."""
+        :attr:`rollout_engine` when None) and score them; ``parts``: a ``rollout.view``'s
+        images to sample from (see :func:`~cppo_lightning.rollout.collect_rollouts`)."""
         assert self.policy is not None
         with self.generation_mode():
             return collect_rollouts(
@@ -504,6 +516,7 @@ class CPPOModule(LightningModule):
                 group_size=self.group_size,
                 suppress_token_ids=self.suppress_token_ids,
                 engine=engine if engine is not None else self.rollout_engine,
+                parts=parts,
             )
 
     def set_rollout_engine(self, engine: RolloutEngine) -> None:
@@ -548,13 +561,20 @@ class CPPOModule(LightningModule):
         """Whether the trainer wrapped this module with FSDP."""
         return self._trainer is not None and is_fsdp(self.trainer.strategy.model)
 
-    def set_rollout(self, rollout: RolloutBatch) -> None:
-        """Hand over the rollout batch that the next ``training_step`` learns from."""
+    def set_rollout(self, rollout: RolloutBatch, batch: PromptBatch | None = None) -> None:
+        """Hand over the rollout batch that the next ``training_step`` learns from; ``batch``:
+        the training batch it answers, when its prompts are not that batch (a ``rollout.filter``
+        sampled others)."""
         self._rollout = rollout
+        if batch is not None:
+            self._rollout_for = batch
 
     def _take_rollout(self, batch: PromptBatch) -> RolloutBatch:
         rollout, self._rollout = self._rollout, None
-        if rollout is None or rollout.prompts is not batch:
+        answered, self._rollout_for = self._rollout_for, None
+        if answered is None and rollout is not None:
+            answered = rollout.prompts
+        if rollout is None or answered is not batch:
             raise RuntimeError(
                 "no rollout for this batch: add cppo_lightning.callbacks.RolloutCallback to the "
                 "trainer's callbacks (the `cppo` CLI adds it, configured under `rollout:`)."

@@ -7,7 +7,8 @@ P prompt tokens (left-padded), L response tokens (right-padded).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -117,6 +118,96 @@ class PromptBatch(NamedTuple):
         """Position in ``images`` of the first image of ``prompt``."""
         return int(self.image_counts[:prompt].sum())
 
+    def image_positions(self, index: torch.Tensor) -> list[int]:
+        """Positions in ``images`` (and in the views' image lists) of the images of prompts
+        ``index``, prompt by prompt."""
+        counts = self.image_counts.tolist()
+        positions: list[int] = []
+        for prompt in index.tolist():
+            start = self.first_image(prompt)
+            positions += range(start, start + counts[prompt])
+        return positions
+
+    def select(self, index: torch.Tensor) -> PromptBatch:
+        """Prompts ``index`` (in that order) with everything they carry, images and views
+        included (:meth:`subset` drops those)."""
+        positions = self.image_positions(index)
+        views = self.views
+        if views is not None:
+
+            def pick(images: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+                return None if images is None else [images[i] for i in positions]
+
+            def pick_vision(
+                vision: dict[str, torch.Tensor] | None,
+            ) -> dict[str, torch.Tensor] | None:
+                return None if vision is None else self.select_vision(index, vision)
+
+            views = ImageViews(
+                preserving=pick(views.preserving),
+                removing=pick(views.removing),
+                vision_pos=pick_vision(views.vision_pos),
+                vision_neg=pick_vision(views.vision_neg),
+            )
+        return self.subset(index)._replace(
+            images=None if self.images is None else [self.images[i] for i in positions],
+            views=views,
+        )
+
+    @staticmethod
+    def concat(batches: Sequence[PromptBatch], pad_token_id: int) -> PromptBatch:
+        """The prompts of ``batches`` one after the other, as if collated together.
+
+        Prompt tokens are left-padded again to the longest (``pad_token_id``, attention 0); the
+        image tensors are concatenated in each key's layout (a per-prompt tensor whose other
+        dimensions differ, Idefics3's images per prompt, is zero-padded: all-zero images are
+        the processor's own padding). Images and views are kept when every batch has them.
+
+        Raises:
+            ValueError: If the batches differ in their columns, layout, or in carrying images,
+                views or ``mm_token_type_ids``.
+        """
+        if not batches:
+            raise ValueError("PromptBatch.concat needs at least one batch.")
+        if len(batches) == 1:
+            return batches[0]
+        first = batches[0]
+        for batch in batches[1:]:
+            if batch.vision_layout != first.vision_layout or set(batch.columns) != set(
+                first.columns
+            ):
+                raise ValueError(
+                    "PromptBatch.concat: the batches differ in their image layout or columns "
+                    f"({sorted(first.columns)} vs {sorted(batch.columns)}): they must come from "
+                    "one dataset and processor."
+                )
+        length = max(b.input_ids.shape[1] for b in batches)
+
+        def left(t: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (length - t.shape[1], 0), value=value)
+
+        views = _all_or_none([b.views for b in batches], "views")
+        return PromptBatch(
+            input_ids=torch.cat([left(b.input_ids, pad_token_id) for b in batches]),
+            attention_mask=torch.cat([left(b.attention_mask, 0) for b in batches]),
+            vision={key: _cat_padded([b.vision[key] for b in batches]) for key in first.vision},
+            vision_layout=first.vision_layout,
+            image_counts=torch.cat([b.image_counts for b in batches]),
+            mm_token_type_ids=_joined_or_none(
+                [b.mm_token_type_ids for b in batches],
+                "mm_token_type_ids",
+                lambda ts: torch.cat([left(t, 0) for t in ts]),
+            ),
+            columns={name: [v for b in batches for v in b.columns[name]] for name in first.columns},
+            row_index=_joined_or_none([b.row_index for b in batches], "row_index", torch.cat),
+            images=_joined_or_none(
+                [b.images for b in batches],
+                "images",
+                lambda ls: [i for images in ls for i in images],
+            ),
+            views=None if views is None else _concat_views(views),
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class RolloutBatch:
@@ -210,10 +301,153 @@ class RolloutBatch:
             generated_from=self.generated_from[index] if self.generated_from is not None else None,
         )
 
+    def select_groups(self, groups: torch.Tensor) -> RolloutBatch:
+        """The groups (prompts) ``groups`` only, in that order, as a rollout batch of their own:
+        the prompts re-indexed (images and views kept, :meth:`PromptBatch.select`), every
+        per-response field taken with them (see :meth:`take`).
+
+        Shape:
+            groups: ``[k]`` prompt indices; the result holds ``k * G`` responses.
+        """
+        size = self.group_size
+        groups = groups.to(device=self.response_ids.device, dtype=torch.long)
+        within = torch.arange(size, device=groups.device)
+        rows = (groups.unsqueeze(1) * size + within).flatten()  # [k * G]
+        return dataclasses.replace(
+            self.take(rows),
+            prompts=self.prompts.select(groups.to(self.prompts.input_ids.device)),
+            prompt_index=torch.arange(len(groups), device=groups.device).repeat_interleave(size),
+        )
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_responses // self.group_size
+
+    @staticmethod
+    def concat(batches: Sequence[RolloutBatch], pad_token_id: int) -> RolloutBatch:
+        """The groups of ``batches`` one after the other (prompts by :meth:`PromptBatch.concat`).
+
+        Per-token fields are right-padded to the longest response (``pad_token_id`` in
+        ``response_ids``, 0 elsewhere); ``rollout_seconds`` is the sum. A field that is None in
+        every batch stays None.
+
+        Raises:
+            ValueError: If the group sizes or reward terms differ, or a field is set in some
+                batches and None in others.
+        """
+        if not batches:
+            raise ValueError("RolloutBatch.concat needs at least one batch.")
+        if len(batches) == 1:
+            return batches[0]
+        first = batches[0]
+        for batch in batches[1:]:
+            if batch.group_size != first.group_size or set(batch.reward_terms) != set(
+                first.reward_terms
+            ):
+                raise ValueError(
+                    "RolloutBatch.concat: the batches differ in group size or reward terms "
+                    f"({first.group_size}, {sorted(first.reward_terms)} vs {batch.group_size}, "
+                    f"{sorted(batch.reward_terms)})."
+                )
+        length = max(b.response_ids.shape[1] for b in batches)
+
+        def right(value: float) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+            return lambda ts: torch.cat([pad_columns(t, length, value) for t in ts])
+
+        def field(name: str, join: Callable[[list[Any]], Any]) -> Any:
+            return _joined_or_none([getattr(b, name) for b in batches], name, join)
+
+        def advantages(ts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(ts) if ts[0].dim() == 1 else right(0)(ts)
+
+        offsets = [0]
+        for batch in batches[:-1]:
+            offsets.append(offsets[-1] + batch.prompts.num_prompts)
+        return RolloutBatch(
+            prompts=PromptBatch.concat([b.prompts for b in batches], pad_token_id),
+            prompt_index=torch.cat(
+                [b.prompt_index + o for b, o in zip(batches, offsets, strict=True)]
+            ),
+            response_ids=right(pad_token_id)([b.response_ids for b in batches]),
+            response_mask=right(0)([b.response_mask for b in batches]),
+            texts=[t for b in batches for t in b.texts],
+            rewards=torch.cat([b.rewards for b in batches]),
+            reward_terms={
+                k: torch.cat([b.reward_terms[k] for b in batches]) for k in first.reward_terms
+            },
+            group_size=first.group_size,
+            rollout_seconds=sum(b.rollout_seconds for b in batches),
+            sampler_logp=field("sampler_logp", right(0)),
+            advantages=field("advantages", advantages),
+            old_logp=field("old_logp", right(0)),
+            ref_logp=field("ref_logp", right(0)),
+            perception_mask=field("perception_mask", right(0)),
+            removed_logp=field("removed_logp", right(0)),
+            truncated=field("truncated", torch.cat),
+            generated_from=field("generated_from", torch.cat),
+        )
+
 
 def pad_columns(t: torch.Tensor, length: int, value: float = 0) -> torch.Tensor:
     """``[n, l] -> [n, length]``, right-padded with ``value`` (the inverse of ``take``'s cut)."""
     return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
+
+_T = TypeVar("_T")
+
+
+def _all_or_none(values: Sequence[_T | None], name: str) -> list[_T] | None:
+    """``values`` when none is None, None when all are; refuses a mix (a concatenation would
+    silently lose the field)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if len(present) != len(values):
+        raise ValueError(
+            f"cannot concatenate batches of which only some carry {name}: draw them all the "
+            "same way."
+        )
+    return present
+
+
+def _joined_or_none(values: Sequence[Any], name: str, join: Callable[[list[Any]], Any]) -> Any:
+    present = _all_or_none(values, name)
+    return None if present is None else join(present)
+
+
+def _cat_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` along dim 0, zero-padding the other dimensions to the largest first."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        pad: list[int] = []
+        for d in reversed(range(1, t.dim())):
+            pad += [0, shape[d] - t.shape[d]]
+        padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return torch.cat(padded)
+
+
+def _concat_views(views: list[ImageViews]) -> ImageViews:
+    def images(name: str) -> list[torch.Tensor] | None:
+        return _joined_or_none(
+            [getattr(v, name) for v in views],
+            name,
+            lambda lists: [i for each in lists for i in each],
+        )
+
+    def vision(name: str) -> dict[str, torch.Tensor] | None:
+        return _joined_or_none(
+            [getattr(v, name) for v in views],
+            name,
+            lambda ds: {key: _cat_padded([d[key] for d in ds]) for key in ds[0]},
+        )
+
+    return ImageViews(
+        preserving=images("preserving"),
+        removing=images("removing"),
+        vision_pos=vision("vision_pos"),
+        vision_neg=vision("vision_neg"),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,11 +15,12 @@ reads it from a column::
           init_args: {max_length: 4096, cache_length: 1024}
       weights: {accuracy: 0.9, format: 0.1, overlong: 1.0}
 
-Wiring still to do (issue 31): the rollout must add the token counts to the columns it passes to
-the scorer (``rollout.py`` calls ``scorer(texts, repeat_columns(prompts.columns, G))``; the counts
-are ``response_mask.sum(1)``) under the name ``length_column`` says. Until then this term raises
-on every call, and :class:`~cppo_lightning.rewards.WeightedReward` stops the run after
-``stop_after`` batches with the message below, rather than training on a silent 0.
+The rollout (:func:`cppo_lightning.rollout.collect_rollouts`) passes every reward function the
+token count of each response (``response_mask.sum(1)``, EOS included) in the column
+``response_length`` (:data:`cppo_lightning.rollout.RESPONSE_LENGTH`), the default
+``length_column``. A scorer called without it (a caller of its own) makes this term raise, and
+:class:`~cppo_lightning.rewards.WeightedReward` stops the run after ``stop_after`` batches with the
+message below, rather than training on a silent 0. ``configs/experiments/dapo.yaml`` uses it.
 
 DAPO adds the penalty to the correctness reward with weight 1 (verl's ``DAPORewardManager``:
 ``reward += overlong_reward``), before the group normalisation.
@@ -67,14 +68,16 @@ class OverlongPenalty:
         """Score each response; ``columns[length_column]`` holds its token count.
 
         Raises:
-            KeyError: If the length column is missing (the rollout does not supply it yet).
+            KeyError: If the length column is missing (a scorer called without the rollout's
+                columns).
             ValueError: If it does not hold one count per response.
         """
         if self.length_column not in columns:
             raise KeyError(
                 f"OverlongPenalty needs the token count of each response in the column "
                 f"{self.length_column!r}, and the rollout passed only {sorted(columns)}; the "
-                "rollout must add response_mask.sum(1) to the scorer's columns (issue 31 wiring)."
+                "rollout (cppo_lightning.rollout.collect_rollouts) passes it as "
+                "'response_length': score through it, or set length_column."
             )
         lengths = columns[self.length_column]
         if len(lengths) != len(completions):

@@ -24,7 +24,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from cppo_lightning.records import PromptBatch, RolloutBatch
+from cppo_lightning.records import PromptBatch, RolloutBatch, pad_columns
+from cppo_lightning.seams import GenerationGroup
+
+#: The scorer's column holding each response's number of tokens (EOS included, as the mask
+#: counts it), for reward terms that need it (DAPO's overlong penalty).
+RESPONSE_LENGTH = "response_length"
 
 Scorer = Callable[[Sequence[str], Mapping[str, Sequence[Any]]], tuple[torch.Tensor, dict]]
 
@@ -391,6 +396,104 @@ def check_samples(
         )
 
 
+def truncated_responses(
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+) -> torch.Tensor:
+    """Which responses were cut by the length limit: ``max_new_tokens`` valid tokens, the last
+    of them not an end-of-sequence token (a response that ends with EOS exactly at the limit
+    finished).
+
+    Shape:
+        response_ids, response_mask: ``[N, L]``; returns ``[N]`` bool.
+    """
+    lengths = response_mask.sum(1)  # [N]
+    last = response_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # [N]
+    eos = torch.tensor(list(eos_token_ids), device=response_ids.device, dtype=response_ids.dtype)
+    return (lengths >= max_new_tokens) & ~torch.isin(last, eos)
+
+
+def merge_parts(
+    pieces: Sequence[Samples], sizes: Sequence[int], pad_token_id: int
+) -> tuple[Samples, torch.Tensor]:
+    """The responses of a :class:`~cppo_lightning.seams.RolloutView`'s parts as one
+    group-contiguous batch: for every prompt its ``sizes[0]`` responses of part 0, then its
+    ``sizes[1]`` of part 1, ... (right-padded to the longest).
+
+    Args:
+        pieces: Part ``k``'s samples, ``[B * sizes[k], L_k]``, one prompt's contiguous.
+        sizes: Responses per prompt of each part.
+        pad_token_id: Fills ``response_ids`` beyond a shorter part's length.
+
+    Returns:
+        The merged samples ``[B * sum(sizes), L]`` and ``generated_from`` ``[B * sum(sizes)]``,
+        the part of each response.
+    """
+    length = max(p.response_ids.shape[1] for p in pieces)
+    num_prompts = pieces[0].response_ids.shape[0] // sizes[0]
+    device = pieces[0].response_ids.device
+    order: list[int] = []
+    part_of: list[int] = []
+    starts: list[int] = []
+    offset = 0
+    for size in sizes:
+        starts.append(offset)
+        offset += num_prompts * size
+    for prompt in range(num_prompts):
+        for part, (size, start) in enumerate(zip(sizes, starts, strict=True)):
+            order += range(start + prompt * size, start + (prompt + 1) * size)
+            part_of += [part] * size
+    index = torch.tensor(order, device=device)
+
+    def joined(field: int, value: float) -> torch.Tensor:
+        return torch.cat([pad_columns(p[field], length, value) for p in pieces])[index]
+
+    merged = Samples(joined(0, pad_token_id), joined(1, 0), joined(2, 0.0))
+    return merged, torch.tensor(part_of, device=device)
+
+
+def _sample_parts(
+    engine: RolloutEngine,
+    policy: torch.nn.Module,
+    processor: ProcessorMixin,
+    prompts: PromptBatch,
+    sampling: Sampling,
+    parts: Sequence[GenerationGroup],
+    group_size: int,
+    suppress_token_ids: Sequence[int],
+) -> tuple[Samples, torch.Tensor]:
+    """Each part's responses from its images (the prompt tokens are the same), merged."""
+    sizes = [part.num_samples for part in parts]
+    if sum(sizes) != group_size or any(size < 0 for size in sizes):
+        raise ValueError(
+            f"rollout.view gave parts of {sizes} responses per prompt: they must be >= 0 and sum "
+            f"to rollout.group_size={group_size}."
+        )
+    kept = [part for part in parts if part.num_samples > 0]
+    pieces = []
+    for part in kept:
+        shown = prompts if part.vision is None else prompts._replace(vision=part.vision)
+        samples = engine.sample(
+            policy,
+            processor,
+            shown,
+            sampling,
+            num_samples=part.num_samples,
+            suppress_token_ids=suppress_token_ids,
+        )
+        check_samples(engine, samples, prompts, part.num_samples)
+        pieces.append(samples)
+    pad = processor.tokenizer.pad_token_id  # type: ignore[attr-defined]
+    merged, part_of = merge_parts(pieces, [p.num_samples for p in kept], pad)
+    # Back to the view's own part numbers (a part of 0 responses was skipped).
+    numbers = torch.tensor(
+        [k for k, part in enumerate(parts) if part.num_samples > 0], device=part_of.device
+    )
+    return merged, numbers[part_of]
+
+
 def collect_rollouts(
     policy: torch.nn.Module,
     processor: ProcessorMixin,
@@ -401,24 +504,46 @@ def collect_rollouts(
     group_size: int,
     suppress_token_ids: Sequence[int] = (),
     engine: RolloutEngine | None = None,
+    parts: Sequence[GenerationGroup] | None = None,
 ) -> RolloutBatch:
     """Generate G responses per prompt with ``engine`` (HF ``generate`` when None), decode and
-    score them into a :class:`RolloutBatch`."""
+    score them into a :class:`RolloutBatch`.
+
+    With ``parts`` (a :class:`~cppo_lightning.seams.RolloutView`'s), each part's responses are
+    sampled from its own images and recorded in ``generated_from``; the batch keeps
+    ``prompts`` (the original images), which scoring and training use. The scorer gets the
+    prompts' columns plus :data:`RESPONSE_LENGTH`; ``truncated`` marks the responses the
+    length limit cut.
+    """
     start = time.perf_counter()
     engine = engine if engine is not None else HFGenerate()
-    samples = engine.sample(
-        policy,
-        processor,
-        prompts,
-        sampling,
-        num_samples=group_size,
-        suppress_token_ids=suppress_token_ids,
-    )
-    check_samples(engine, samples, prompts, group_size)
+    generated_from = None
+    if parts is None:
+        samples = engine.sample(
+            policy,
+            processor,
+            prompts,
+            sampling,
+            num_samples=group_size,
+            suppress_token_ids=suppress_token_ids,
+        )
+        check_samples(engine, samples, prompts, group_size)
+    else:
+        samples, generated_from = _sample_parts(
+            engine, policy, processor, prompts, sampling, parts, group_size, suppress_token_ids
+        )
     response_ids, response_mask, sampler_logp = samples
     texts = decode_responses(processor, response_ids, response_mask)
-    rewards, terms = scorer(texts, repeat_columns(prompts.columns, group_size))
+    columns = repeat_columns(prompts.columns, group_size)
+    if RESPONSE_LENGTH in columns:
+        raise ValueError(
+            f"the dataset has a column {RESPONSE_LENGTH!r}, which the rollout fills with each "
+            "response's token count for the reward terms: rename that column."
+        )
+    columns[RESPONSE_LENGTH] = response_mask.sum(1).tolist()
+    rewards, terms = scorer(texts, columns)
     device = response_ids.device
+    eos_ids = _eos_token_ids(policy, processor.tokenizer)  # type: ignore[attr-defined]
     return RolloutBatch(
         prompts=prompts,
         prompt_index=torch.arange(prompts.num_prompts, device=device).repeat_interleave(group_size),
@@ -430,7 +555,107 @@ def collect_rollouts(
         group_size=group_size,
         rollout_seconds=time.perf_counter() - start,
         sampler_logp=sampler_logp,
+        truncated=truncated_responses(
+            response_ids, response_mask, sampling.max_new_tokens, eos_ids
+        ),
+        generated_from=generated_from,
     )
+
+
+@dataclasses.dataclass
+class GroupPool:
+    """The groups of a rollout filter's generation rounds (DAPO's dynamic sampling).
+
+    Each round's rollout batch is split by the filter's verdict into kept (informative) and
+    dropped groups, each kept in generation order (round by round, prompt order within a round)
+    and at most ``target`` of each: more kept groups are never trained on, and dropped groups
+    only fill a batch whose rounds ran out (:meth:`batch`).
+
+    Attributes:
+        target: The groups a training batch holds (``data.batch_size``).
+        pad_token_id: Pads the rounds' prompts and responses to a common length.
+        kept: The informative groups so far (at most ``target``), or None.
+        dropped: The filtered-out groups so far (at most ``target``), or None.
+        rounds: Generation rounds added.
+        dropped_groups: Groups the filter rejected, over all rounds.
+        rows: Dataset rows of every prompt generated (not to be drawn again this step).
+        seconds: Time spent generating and scoring, over all rounds.
+    """
+
+    target: int
+    pad_token_id: int
+    kept: RolloutBatch | None = None
+    dropped: RolloutBatch | None = None
+    rounds: int = 0
+    dropped_groups: int = 0
+    rows: list[int] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, rollout: RolloutBatch, keep: torch.Tensor) -> None:
+        """One round: ``rollout`` and the filter's ``[B]`` verdict on its groups."""
+        keep = keep.bool().to(rollout.response_ids.device)
+        if keep.shape != (rollout.num_groups,):
+            raise ValueError(
+                f"rollout.filter returned {tuple(keep.shape)} for {rollout.num_groups} groups: "
+                "it must return one bool per group."
+            )
+        self.rounds += 1
+        self.dropped_groups += int((~keep).sum())
+        self.seconds += rollout.rollout_seconds
+        if rollout.prompts.row_index is not None:
+            self.rows += rollout.prompts.row_index.tolist()
+        self.kept = self._extend(self.kept, rollout, keep)
+        self.dropped = self._extend(self.dropped, rollout, ~keep)
+
+    def _extend(
+        self, pool: RolloutBatch | None, rollout: RolloutBatch, chosen: torch.Tensor
+    ) -> RolloutBatch | None:
+        have = 0 if pool is None else pool.num_groups
+        groups = chosen.nonzero().flatten()[: self.target - have]
+        if len(groups) == 0:
+            return pool
+        picked = rollout.select_groups(groups)
+        return picked if pool is None else RolloutBatch.concat([pool, picked], self.pad_token_id)
+
+    @property
+    def enough(self) -> bool:
+        """Whether ``target`` informative groups were found."""
+        return self.kept_groups >= self.target
+
+    @property
+    def available(self) -> int:
+        """Groups a batch can hold: ``target``, or fewer if the rounds made fewer groups."""
+        return min(
+            self.target, sum(p.num_groups for p in (self.kept, self.dropped) if p is not None)
+        )
+
+    def batch(self, size: int) -> RolloutBatch:
+        """``size`` groups (at most :attr:`available`): the kept ones in generation order, then,
+        if they are fewer, the first dropped ones (whose rewards are all equal: no signal, but
+        the same number of groups on every rank). ``rollout_seconds`` is every round's."""
+        if not 0 < size <= self.available:
+            raise ValueError(f"GroupPool.batch: size {size} not in [1, {self.available}].")
+        kept = self.kept_groups
+        pieces = []
+        if kept:
+            assert self.kept is not None
+            pieces.append(self._first(self.kept, min(size, kept)))
+        if size > kept:
+            assert self.dropped is not None
+            pieces.append(self._first(self.dropped, size - kept))
+        merged = RolloutBatch.concat(pieces, self.pad_token_id)
+        return dataclasses.replace(merged, rollout_seconds=self.seconds)
+
+    @staticmethod
+    def _first(pool: RolloutBatch, count: int) -> RolloutBatch:
+        if count == pool.num_groups:
+            return pool
+        return pool.select_groups(torch.arange(count, device=pool.response_ids.device))
+
+    @property
+    def kept_groups(self) -> int:
+        """Informative groups found (at most ``target``)."""
+        return 0 if self.kept is None else self.kept.num_groups
 
 
 def rollout_metrics(rollout: RolloutBatch) -> dict[str, float]:
@@ -446,6 +671,8 @@ def rollout_metrics(rollout: RolloutBatch) -> dict[str, float]:
         ),
         "rollout/seconds": rollout.rollout_seconds,
     }
+    if rollout.truncated is not None:  # cut by rollout.max_new_tokens (no end-of-sequence)
+        metrics["rollout/truncated_fraction"] = float(rollout.truncated.float().mean())
     for name, values in rollout.reward_terms.items():
         metrics[f"rollout/{name}"] = float(values.float().mean())
     return metrics

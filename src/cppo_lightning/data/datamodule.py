@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 import datasets
@@ -35,7 +35,8 @@ from cppo_lightning.data.rows import (
 )
 from cppo_lightning.data.synthetic import INSTRUCTION, SyntheticShapes
 from cppo_lightning.data.views import ViewMaker
-from cppo_lightning.families import Family, family_of_processor
+from cppo_lightning.families import Family, encode_images, family_of_processor
+from cppo_lightning.perturbations import view_seed
 from cppo_lightning.policy import DEFAULT_MODEL, load_processor, model_family
 from cppo_lightning.records import PromptBatch
 
@@ -227,7 +228,8 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         removing_view: Information-removing perturbation I- (CPPO's negative, PAPO's masked
             image); None draws no such view.
         view_seed: Base seed of the views; each prompt's views are drawn from (view_seed, row,
-            epoch), on the batch's device, independently of the training RNG.
+            epoch), on the batch's device, independently of the training RNG. Also seeds the
+            extra prompts a rollout filter asks for (:meth:`extra_prompts`).
     """
 
     def __init__(
@@ -485,8 +487,77 @@ class VisionLanguageDataModule(pl.LightningDataModule):
             isinstance(batch, PromptBatch)
             and batch.images is not None
             and self.view_maker is not None
+            and self.view_maker.enabled  # images carried for a rollout view only: no views
             and trainer is not None
             and trainer.training
         ):
             return self.view_maker(batch, trainer.current_epoch)
         return batch
+
+    # ------------------------------------------------------------------ rollout seams
+    def carry_images(self) -> None:
+        """Training batches carry their images as tensors in [0, 1] (``PromptBatch.images``),
+        with or without views: a ``rollout.view`` draws the images it generates from from them."""
+        assert self.collate is not None, "setup() has not run"
+        self.collate.keep_images = True
+
+    def extra_prompts(self, step: int, round: int, exclude: Collection[int] = ()) -> PromptBatch:
+        """``data.batch_size`` more training prompts, for a ``rollout.filter``'s extra generation
+        round: collated, on the device and with views, as the training batches are.
+
+        The rows are the first of a permutation of the train split seeded by ``(view_seed,
+        step, round, rank)``, leaving out ``exclude`` (the rows this step already generated for)
+        while others remain, so a resumed run draws the same prompts and the training RNG is
+        untouched. They are drawn beside the epoch's order, which they do not change: a prompt
+        may come up again in a later batch of the epoch.
+
+        Args:
+            step: The trainer's ``global_step``.
+            round: The generation round (1 = the first extra round).
+            exclude: Dataset rows not to draw.
+        """
+        assert self.collate is not None, "setup() has not run"
+        trainer = self.trainer
+        rank = int(trainer.global_rank) if trainer is not None else 0
+        generator = torch.Generator()
+        generator.manual_seed(view_seed(self.view_seed, step, round, f"extra-prompts#{rank}"))
+        order = torch.randperm(len(self.splits["train"]), generator=generator).tolist()
+        excluded = set(exclude)
+        fresh = [row for row in order if row not in excluded]
+        picked = (fresh + [row for row in order if row in excluded])[: self.batch_size]
+        rows = _IndexedRows(self.splits["train"])
+        batch = self.collate([rows[row] for row in picked])
+        if trainer is not None:
+            return trainer.strategy.batch_to_device(batch)  # the transfer hooks draw the views
+        maker = self.view_maker  # outside a fit (tests): on the host, views of epoch 0
+        return maker(batch, 0) if maker is not None and maker.enabled and batch.images else batch
+
+    def encode_view(
+        self, images: Sequence[torch.Tensor], prompts: PromptBatch
+    ) -> dict[str, torch.Tensor]:
+        """The processor's image tensors of ``images`` (``[3, H, W]`` in [0, 1], one per image
+        of ``prompts``, e.g. a ``rollout.view``'s), made as the views' are, on the device and in
+        the dtype of ``prompts.vision``.
+
+        Raises:
+            ValueError: If an image's H x W differs from its original's (the prompt tokens
+                could not be reused).
+        """
+        assert self.view_maker is not None, "setup() has not run"
+        maker = self.view_maker
+        encoded = encode_images(
+            maker.image_processor, images, prompts.image_counts.tolist(), maker.family
+        )
+        for key, original in prompts.vision.items():
+            value = encoded[key]
+            same = value.shape == original.shape and (
+                value.is_floating_point() or torch.equal(value.to(original.device), original)
+            )
+            if not same:
+                raise ValueError(
+                    f"the rollout view's images give {key} of shape {tuple(value.shape)} but "
+                    f"the originals give {tuple(original.shape)} (or other image grids): "
+                    "rollout.view must keep every image's H x W."
+                )
+            encoded[key] = value.to(device=original.device, dtype=original.dtype)
+        return encoded

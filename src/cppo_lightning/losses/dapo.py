@@ -8,10 +8,11 @@ math of the other two plus the "overlong filtering" the paper ablates::
     keep = informative_groups(accuracy, group_size=G)                                # bool [B]
     mask = drop_truncated(response_mask, truncated)                                 # [N, L]
 
-Groundwork for issue 31: nothing in the training step calls these yet. ``overlong_penalty`` is a
-reward term (see :class:`cppo_lightning.rewards_dapo.OverlongPenalty`), ``informative_groups`` the
-rule of the "rollout filter" seam (the loop that samples more prompts lives in the wiring), and
-``drop_truncated`` a token selection; docs/methods-sources.md lists what each needs.
+Where each is used: ``overlong_penalty`` by the reward term
+:class:`cppo_lightning.rewards_dapo.OverlongPenalty`, ``informative_groups`` by the
+``rollout.filter`` :class:`cppo_lightning.methods.DynamicSampling` (the rounds that sample more
+prompts are the rollout callback's), ``drop_truncated`` by the ``model.token_weighting``
+:class:`cppo_lightning.methods.DropTruncated`; ``configs/experiments/dapo.yaml`` turns DAPO on.
 
 Sources (paper = arXiv 2503.14476 v1, the PDF in ``BytedTsinghua-SIA/DAPO``):
 

@@ -7,16 +7,21 @@ of the ``model.policy_loss`` seam; CPPO's and PAPO's objectives are in
 :mod:`cppo_lightning.perception`.
 """
 
+from cppo_lightning.methods.dapo import DropTruncated, DynamicSampling
 from cppo_lightning.methods.grpo import ClippedTokenRatio
 from cppo_lightning.methods.gspo import SequenceRatio
 from cppo_lightning.methods.high_entropy import HighEntropyTokens
+from cppo_lightning.methods.noisyrollout import NoisyRollout
 from cppo_lightning.methods.vppo import DependencyShaping, DependentTokens, EntropyPenalty
 
 __all__ = [
     "ClippedTokenRatio",
     "DependencyShaping",
     "DependentTokens",
+    "DropTruncated",
+    "DynamicSampling",
     "EntropyPenalty",
     "HighEntropyTokens",
+    "NoisyRollout",
     "SequenceRatio",
 ]

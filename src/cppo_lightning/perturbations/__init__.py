@@ -13,9 +13,10 @@ A perturbation is any ``torch.nn.Module`` mapping float RGB images ``[B, 3, H, W
   :class:`ZoomCrop` (crop f*H x f*W, f ~ U(0.6, 0.7), resized back).
 
 The PAPO baseline's masked image is :func:`patch_masking` (14-px patches blacked out with
-probability 0.6). Every view keeps ``H x W``; :class:`OneOf`, :class:`Chain` and
-:func:`apply_seeded` raise a ``ValueError`` naming the module that changes it. :func:`apply_seeded`
-with a seed from :func:`view_seed` makes a view reproducible without touching the training RNG.
+probability 0.6); NoisyRollout's annealed noise is :class:`DiffusionNoise`. Every view keeps
+``H x W``; :class:`OneOf`, :class:`Chain` and :func:`apply_seeded` raise a ``ValueError`` naming
+the module that changes it. :func:`apply_seeded` with a seed from :func:`view_seed` makes a view
+reproducible without touching the training RNG.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import kornia.augmentation as K
 
 from cppo_lightning.perturbations.containers import Chain, OneOf
 from cppo_lightning.perturbations.custom import PatchMask, RandomOcclusion, ZoomCrop
+from cppo_lightning.perturbations.noise import DiffusionNoise
 from cppo_lightning.perturbations.seeding import apply_seeded, view_seed
 
 __all__ = [
     "Chain",
+    "DiffusionNoise",
     "OneOf",
     "PatchMask",
     "RandomOcclusion",

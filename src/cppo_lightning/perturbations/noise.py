@@ -10,9 +10,10 @@ then clamped to ``[0, 1]``; ``t`` anneals from ``initial`` toward 0::
     noise = DiffusionNoise(timestep=t)
     noisy = apply_seeded(noise, images, seed)         # [B, 3, H, W], same H x W
 
-Groundwork for issue 31: nothing generates from this view yet; the wiring needs the "rollout view"
-seam (which rows of a group are generated from which view; :func:`noisy_rows`), while the log-probs
-of every response stay those of the clean image.
+:class:`cppo_lightning.methods.NoisyRollout` (the ``rollout.view`` seam) generates the last
+``num_noisy`` responses of each group from this view (the layout of :func:`noisy_rows`), while the
+log-probs of every response stay those of the clean image; ``configs/experiments/noisyrollout.yaml``
+turns it on.
 
 Sources, all from the authors' code ``John-AI-Lab/NoisyRollout`` (an EasyR1 fork; HEAD 000b58d,
 2025-05-20), ``verl/utils/image_aug.py`` (``ImageAugmenter``), ``verl/trainer/ray_trainer.py``
