@@ -171,3 +171,8 @@ class RolloutView(Component, abc.ABC):
         total_steps: int,
         encode: Callable[[Sequence[torch.Tensor]], dict[str, Tensor]],
     ) -> list[GenerationGroup]: ...
+
+    def stats(self, rollout: RolloutBatch) -> dict[str, float]:
+        """Scalars to log under ``rollout/`` for a rollout batch this view sampled (its
+        ``generated_from`` says which part each response came from); none by default."""
+        return {}

@@ -53,7 +53,7 @@ class RolloutCallback(pl.Callback):
             :class:`~cppo_lightning.methods.NoisyRollout`); scoring and training use the
             original image whatever the view. Its ``step`` is the 1-based rollout batch and its
             ``total_steps`` the run's rollout batches (from ``trainer.max_steps``), so a
-            resumed run continues its schedule. A view's ``stats(rollout)``, if it has one, is
+            resumed run continues its schedule. The view's ``stats(rollout)`` is
             logged under ``rollout/``. None samples every response from the original image.
     """
 
@@ -147,9 +147,8 @@ class RolloutCallback(pl.Callback):
         else:  # seam: which groups are trained on, sampling more prompts if needed
             rollout, metrics = self.collect_filtered(trainer, pl_module, batch)
             pl_module.set_rollout(rollout, batch=batch)
-        stats = getattr(self.view, "stats", None)
-        if callable(stats):
-            metrics.update({f"rollout/{k}": float(v) for k, v in stats(rollout).items()})
+        if self.view is not None:
+            metrics.update({f"rollout/{k}": float(v) for k, v in self.view.stats(rollout).items()})
         if metrics:
             # Flushed with the training step's metrics, on its optimizer-step axis; averaged
             # over ranks (every rank logs the same keys).
