@@ -25,7 +25,6 @@ from torchmetrics import MeanMetric
 from cppo_lightning.checkpoints import gather_rng_states, restore_rng_states
 from cppo_lightning.detection import TokenSelector
 from cppo_lightning.logprobs import Scoring
-from cppo_lightning.losses.grpo import check_clip_settings
 from cppo_lightning.methods import ClippedTokenRatio
 from cppo_lightning.perception import (
     PerceptionObjective,
@@ -50,6 +49,12 @@ from cppo_lightning.seams import (
     LossTerm,
     PolicyLoss,
     TokenWeighting,
+)
+from cppo_lightning.settings_checks import (
+    check_components,
+    check_fit_settings,
+    check_module_settings,
+    require_token_objective,
 )
 from cppo_lightning.update import PolicyUpdate, is_fsdp
 from cppo_lightning.validation import HeldOutValidation
@@ -180,32 +185,19 @@ class CPPOModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        if group_size < 2:
-            raise ValueError(
-                f"group_size (rollout.group_size) must be >= 2 for group advantages, "
-                f"got {group_size}."
-            )
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}.")
-        if mini_batch_size is not None and mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1 or null, got {mini_batch_size}.")
-        if temperature <= 0:
-            raise ValueError(
-                f"temperature (rollout.temperature) must be > 0 for sampling, got {temperature}."
-            )
-        check_clip_settings(clip_low, clip_high, dual_clip, prefix="model.")
-        if policy_loss is not None and (clip_low, clip_high, dual_clip) != (0.2, 0.2, 3.0):
-            raise ValueError(
-                f"model.clip_low/clip_high/dual_clip ({clip_low}, {clip_high}, {dual_clip}) "
-                f"configure the default token-level ratio, but model.policy_loss is "
-                f"{type(policy_loss).__name__}: set the clip range in model.policy_loss.init_args "
-                "and leave model.clip_low, clip_high and dual_clip at their defaults."
-            )
-        if kl_coef < 0.0:
-            raise ValueError(
-                f"model.kl_coef must be >= 0 (0 turns the KL term off), got {kl_coef}: a negative "
-                "weight would reward moving away from the reference."
-            )
+        check_module_settings(
+            group_size=group_size,
+            temperature=temperature,
+            mini_batch_size=mini_batch_size,
+            micro_batch_size=micro_batch_size,
+            micro_batch_tokens=micro_batch_tokens,
+            logprob_chunk_tokens=logprob_chunk_tokens,
+            clip=(clip_low, clip_high, dual_clip),
+            policy_loss=policy_loss,
+            kl_coef=kl_coef,
+            val_samples=val_samples,
+            val_temperature=val_temperature,
+        )
         self.save_hyperparameters(
             ignore=[
                 "reward",
@@ -245,14 +237,7 @@ class CPPOModule(LightningModule):
         self.temperature = temperature
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size
-        if micro_batch_tokens is not None and micro_batch_tokens < 1:
-            raise ValueError(
-                f"micro_batch_tokens must be >= 1 or null, got {micro_batch_tokens}: it is the "
-                "token budget (responses x (prompt + longest response)) of one micro-batch."
-            )
         self.micro_batch_tokens = micro_batch_tokens
-        # Checked here (Scoring validates), before any model is loaded.
-        Scoring(temperature, chunk_tokens=logprob_chunk_tokens)
         self.logprob_chunk_tokens = logprob_chunk_tokens
         self.clip_low, self.clip_high, self.dual_clip = clip_low, clip_high, dual_clip
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
@@ -260,11 +245,6 @@ class CPPOModule(LightningModule):
         self.max_grad_norm = max_grad_norm
         self.max_new_tokens = max_new_tokens
         self.val_temperature = val_temperature
-        if val_samples < 1 or (val_temperature == 0 and val_samples > 1):
-            raise ValueError(
-                f"val_samples must be >= 1, and 1 with greedy decoding (val_temperature=0); got "
-                f"val_samples={val_samples}, val_temperature={val_temperature}."
-            )
         self.val_samples = val_samples
         self.val_accuracy_term = val_accuracy_term
         self.generation_batch_size = generation_batch_size
@@ -369,31 +349,13 @@ class CPPOModule(LightningModule):
         return -(-batch_size // self.mini_batch_size)
 
     def _check_fit_settings(self) -> None:
-        if str(self.trainer.precision).startswith("16"):
-            # Gradients are clipped and their norm logged before the optimizer step, where fp16's
-            # loss scaling has not been undone yet.
-            raise ValueError(
-                f"trainer.precision={self.trainer.precision} is not supported: "
-                "use bf16-mixed (GPUs) or 32-true."
-            )
-        batch_size = self._data_batch_size()
-        if self.mini_batch_size and batch_size is not None and batch_size % self.mini_batch_size:
-            raise ValueError(
-                f"data.batch_size={batch_size} is not a multiple of model.mini_batch_size="
-                f"{self.mini_batch_size}: make data.batch_size a multiple of it."
-            )
-        steps, max_steps = self.optimizer_steps_per_batch, self.trainer.max_steps
-        if max_steps > 0 and max_steps % steps:
-            # Each rollout batch makes all its optimizer steps: the run would end past max_steps,
-            # where a schedule sized to max_steps (the cosine of configs/base.yaml) rises again.
-            lower = max_steps - max_steps % steps
-            nearest = " or ".join(str(v) for v in (lower, lower + steps) if v > 0)
-            raise ValueError(
-                f"trainer.max_steps={max_steps} is not a multiple of the {steps} optimizer steps "
-                f"each rollout batch makes (data.batch_size={batch_size} / "
-                f"model.mini_batch_size={self.mini_batch_size}): set trainer.max_steps to "
-                f"{nearest}."
-            )
+        check_fit_settings(
+            precision=str(self.trainer.precision),
+            batch_size=self._data_batch_size(),
+            mini_batch_size=self.mini_batch_size,
+            steps_per_batch=self.optimizer_steps_per_batch,
+            max_steps=self.trainer.max_steps,
+        )
 
     def on_fit_start(self) -> None:
         self._check_perception_setup()
@@ -410,57 +372,29 @@ class CPPOModule(LightningModule):
             rank_zero_info(f"resume: {change}")
 
     def _check_perception_setup(self) -> None:
-        views = getattr(getattr(self.trainer, "datamodule", None), "view_names", None)
-        components = {
-            "perception_loss": self.perception_loss,
-            "advantage": self.advantage,
-            "token_weighting": self.token_weighting,
-            "policy_loss": self.policy_loss,
-            **{f"extra_losses[{i}]": term for i, term in enumerate(self.extra_losses)},
-        }
-        for key, component in components.items():
-            needed = tuple(getattr(component, "views", ()))
-            if "removed_logp" in getattr(component, "needs", ()):
-                needed += ("removing",)
-            missing = sorted({v for v in needed if views is not None and v not in views})
-            if missing:
-                raise ValueError(
-                    f"model.{key}={type(component).__name__} needs the "
-                    f"{' and '.join(missing)} view(s): set "
-                    f"{', '.join(f'data.{v}_view' for v in missing)} (see configs/base.yaml and "
-                    "configs/perturbations/)."
-                )
-        objective = self.perception_loss
-        if objective is None:
-            return
-        name = type(objective).__name__
-        if objective.selects_tokens and (self.token_selector is None or self.cpl_weight is None):
-            raise ValueError(
-                f"model.perception_loss={name} needs the perception_tokens and cpl_weight "
-                "callbacks: add the `perception_tokens:` and `cpl_weight:` sections "
-                "(configs/base.yaml has them)."
-            )
+        check_components(
+            {
+                "perception_loss": self.perception_loss,
+                "advantage": self.advantage,
+                "token_weighting": self.token_weighting,
+                "policy_loss": self.policy_loss,
+                **{f"extra_losses[{i}]": term for i, term in enumerate(self.extra_losses)},
+            },
+            getattr(getattr(self.trainer, "datamodule", None), "view_names", None),
+            callbacks_set=self.token_selector is not None and self.cpl_weight is not None,
+        )
 
     def set_token_selector(self, selector: TokenSelector) -> None:
         """Which tokens the contrastive loss uses (called by the perception-token callback)."""
-        self._require_token_objective("perception_tokens")
+        require_token_objective(self.perception_loss, "perception_tokens")
         self.token_selector = selector
 
     def set_cpl_weight(self, weight: float) -> None:
         """lambda, the weight of the contrastive loss (called by the CPL-weight callback)."""
-        self._require_token_objective("cpl_weight")
+        require_token_objective(self.perception_loss, "cpl_weight")
         if weight < 0:
             raise ValueError(f"the CPL weight must be >= 0, got {weight}.")
         self.cpl_weight = float(weight)
-
-    def _require_token_objective(self, section: str) -> None:
-        if self.perception_loss is None or not self.perception_loss.selects_tokens:
-            name = type(self.perception_loss).__name__ if self.perception_loss else None
-            raise ValueError(
-                f"`{section}:` configures CPPO's contrastive perception loss, but "
-                f"model.perception_loss is {name}: set `{section}: null` (the grpo and papo "
-                "overlays do) or use cppo_lightning.perception.ContrastivePerception."
-            )
 
     def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
         assert self.policy is not None, "configure_model() has not run"
