@@ -35,7 +35,7 @@ from cppo_lightning.data.rows import (
 )
 from cppo_lightning.data.synthetic import INSTRUCTION, SyntheticShapes
 from cppo_lightning.data.views import ViewMaker
-from cppo_lightning.families import Family, encode_images, family_of_processor
+from cppo_lightning.families import Family, family_of_processor
 from cppo_lightning.perturbations import view_seed
 from cppo_lightning.policy import DEFAULT_MODEL, load_processor, model_family
 from cppo_lightning.records import PromptBatch
@@ -544,20 +544,4 @@ class VisionLanguageDataModule(pl.LightningDataModule):
                 could not be reused).
         """
         assert self.view_maker is not None, "setup() has not run"
-        maker = self.view_maker
-        encoded = encode_images(
-            maker.image_processor, images, prompts.image_counts.tolist(), maker.family
-        )
-        for key, original in prompts.vision.items():
-            value = encoded[key]
-            same = value.shape == original.shape and (
-                value.is_floating_point() or torch.equal(value.to(original.device), original)
-            )
-            if not same:
-                raise ValueError(
-                    f"the rollout view's images give {key} of shape {tuple(value.shape)} but "
-                    f"the originals give {tuple(original.shape)} (or other image grids): "
-                    "rollout.view must keep every image's H x W."
-                )
-            encoded[key] = value.to(device=original.device, dtype=original.dtype)
-        return encoded
+        return self.view_maker.encode(images, prompts, "rollout.view")

@@ -8,6 +8,7 @@ views exactly as it patchified the original, and the patch grid must come out th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -64,7 +65,7 @@ class ViewMaker:
                 for image, (row, key) in zip(batch.images, self._keys(batch, name), strict=True)
             ]
             images[name] = views
-            pixels[name] = self._encode(views, batch, name)
+            pixels[name] = self.encode(views, batch, f"data.{name}_view")
         return batch._replace(
             views=ImageViews(
                 preserving=images["preserving"],
@@ -83,9 +84,13 @@ class ViewMaker:
             keys += [(int(row), name if k == 0 else f"{name}#{k}") for k in range(count)]
         return keys
 
-    def _encode(
-        self, views: list[torch.Tensor], batch: PromptBatch, name: str
+    def encode(
+        self, views: Sequence[torch.Tensor], batch: PromptBatch, setting: str
     ) -> dict[str, torch.Tensor]:
+        """The processor's image tensors of ``views`` (one ``[3, H, W]`` image in [0, 1] per
+        image of ``batch``), on the device and in the dtype of ``batch.vision``; ``setting`` (the
+        key that made them, e.g. ``data.removing_view``) names the culprit when an image's H x W
+        differs from its original's."""
         # The PIL-based processors work on host memory; the kornia draws above ran on the device.
         encoded = encode_images(
             self.image_processor, views, batch.image_counts.tolist(), self.family
@@ -97,9 +102,9 @@ class ViewMaker:
             )
             if not same:
                 raise ValueError(
-                    f"the {name} view gives {key} of shape {tuple(value.shape)} but the originals "
+                    f"{setting} gives {key} of shape {tuple(value.shape)} but the originals "
                     f"give {tuple(original.shape)} (or different image grids/masks): "
-                    f"data.{name}_view must keep every image's H x W so that the prompt tokens "
+                    f"{setting} must keep every image's H x W so that the prompt tokens "
                     "can be reused."
                 )
             encoded[key] = value.to(device=original.device, dtype=original.dtype)
