@@ -81,6 +81,19 @@ def test_a_view_that_changes_the_size_is_named(tiny_model_dir):
         _first_batch(dm)
 
 
+def test_a_rollout_view_that_changes_the_size_is_named(tiny_model_dir):
+    # NoisyRollout's images go through the views' encoder: same size, same tensors as the
+    # originals when unchanged; another size is refused naming rollout.view.
+    dm = _datamodule(tiny_model_dir, None, ZoomCrop())
+    batch = _first_batch(dm)
+    same = dm.encode_view(batch.images, batch)
+    assert torch.equal(same["image_grid_thw"], batch.vision["image_grid_thw"])
+    torch.testing.assert_close(same["pixel_values"], batch.vision["pixel_values"], rtol=0, atol=0)
+    smaller = [image[:, : image.shape[1] // 2, : image.shape[2] // 2] for image in batch.images]
+    with pytest.raises(ValueError, match=r"rollout\.view gives .* must keep every image"):
+        dm.encode_view(smaller, batch)
+
+
 def test_validation_batches_carry_no_views(tiny_model_dir):
     dm = _datamodule(tiny_model_dir, Identity(), PatchMask())
     dm.trainer.training = False
