@@ -30,6 +30,8 @@ def plot_study(study: dict[str, Any], folder: Path) -> list[Path]:
     runs = [r for r in study["runs"] if r.get("status") == "finished"]
     methods = [m for m in study["methods"] if any(r["method"] == m for r in runs)]
     colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    # Past ten methods the colours repeat: the second ten are dashed.
+    styles = {m: "-" if i < 10 else "--" for i, m in enumerate(methods)}
     written = []
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -44,6 +46,7 @@ def plot_study(study: dict[str, Any], folder: Path) -> list[Path]:
             steps,
             [statistics.fmean(v) for v in values],
             color=colours[method],
+            linestyle=styles[method],
             marker="o",
             lw=2,
             label=f"{method} (mean of {len(curves)} seed{'s' if len(curves) > 1 else ''})",
