@@ -162,7 +162,10 @@ def last(series: Series | None) -> float | None:
 
 
 def first(series: Series | None) -> float | None:
-    return series[0][1] if series else None
+    """The value at step 0, the measurement before any update; None when the run has none (an
+    attempt cut before its first validation and resumed from step 0 skips it), rather than a
+    later value that would pass for the start."""
+    return series[0][1] if series and series[0][0] == 0 else None
 
 
 def step_seconds(scalars: dict[str, Series]) -> float | None:
