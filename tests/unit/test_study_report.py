@@ -17,7 +17,7 @@ from cppo_lightning.study.report import (
     t_quantile,
     to_markdown,
 )
-from cppo_lightning.study.runs import merge_attempts, read_record, resume_checkpoint
+from cppo_lightning.study.runs import first, last, merge_attempts, read_record, resume_checkpoint
 from cppo_lightning.study.settings import (
     check_settings,
     compare_settings,
@@ -276,8 +276,6 @@ def test_a_cut_run_resumes_from_its_newest_stop_or_last_checkpoint(tmp_path):
 def test_the_start_of_a_curve_is_its_step_0_value_or_none():
     # A run cut before its first validation and resumed from step 0 logs val/accuracy from
     # step 200 on: its first value is not the start and must not be reported as one.
-    from cppo_lightning.study.runs import first, last
-
     assert first([(0, 0.415), (200, 0.5)]) == 0.415
     assert first([(200, 0.515), (400, 0.53)]) is None
     assert first(None) is None and first([]) is None
