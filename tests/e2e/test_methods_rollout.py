@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cppo_lightning.cli import main
-from tests.helpers.runs import EVERY_STEP
+from tests.helpers.runs import EVERY_STEP, shrunk
 from tests.helpers.steps import read_steps
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,16 +43,7 @@ def _args(root: Path, overlay: str, *extra: str, steps: int = 2) -> list[str]:
         BASE,
         "--config",
         str(REPO / "configs" / "experiments" / f"{overlay}.yaml"),
-        f"--trainer.default_root_dir={root}",
-        f"--trainer.max_steps={steps}",
-        "--trainer.val_check_interval=2",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false",
-        "--data.batch_size=2",
-        "--model.mini_batch_size=null",  # one optimizer step per rollout batch of 2
-        "--data.dataset.init_args.num_train=6",
-        "--data.dataset.init_args.num_val=4",
-        "--rollout.max_new_tokens=16",
+        *shrunk(root, steps),
         "--model.val_samples=1",
         "--trainer.callbacks.num_rows=4",  # base.yaml's Evaluation callback, on 4 prompts
         *extra,

@@ -8,13 +8,11 @@ REPO = Path(__file__).resolve().parents[2]
 BASE = str(REPO / "configs" / "base.yaml")
 
 
-def fit_args(root: Path, *extra: str, steps: int = 2) -> list[str]:
-    """``cppo fit`` on the embedded default, shrunk to seconds: 6 training rows in batches of 2
-    (3 rollout batches per epoch), 4 held-out rows, 16-token responses."""
+def shrunk(root: Path, steps: int = 2) -> list[str]:
+    """The flags that shrink a run of base.yaml (with or without an overlay) to seconds: 6
+    training rows in batches of 2 (3 rollout batches per epoch), 4 held-out rows, 16-token
+    responses, one optimizer step per rollout batch."""
     return [
-        "fit",
-        "--config",
-        BASE,
         f"--trainer.default_root_dir={root}",
         f"--trainer.max_steps={steps}",
         "--trainer.val_check_interval=2",
@@ -25,6 +23,16 @@ def fit_args(root: Path, *extra: str, steps: int = 2) -> list[str]:
         "--data.dataset.init_args.num_train=6",
         "--data.dataset.init_args.num_val=4",
         "--rollout.max_new_tokens=16",
+    ]
+
+
+def fit_args(root: Path, *extra: str, steps: int = 2) -> list[str]:
+    """``cppo fit`` on the embedded default, shrunk to seconds (:func:`shrunk`)."""
+    return [
+        "fit",
+        "--config",
+        BASE,
+        *shrunk(root, steps),
         "--model.val_samples=2",
         # A reward with variance in every group, so every step has a gradient to follow.
         "--model.reward.init_args.functions={length: tests.helpers.rewards.length_reward}",
