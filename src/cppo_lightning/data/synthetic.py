@@ -189,6 +189,22 @@ def _seen(items: list[Shape], noun: str) -> str:
     return f"I see {len(items)} {noun}: {_listing(items)}."
 
 
+def unique_color_question(
+    rng: random.Random, shape: str, color: str
+) -> tuple[list[Shape], str, str, str, list[str]]:
+    """ "What color is the <shape>?" about a scene whose one ``shape`` is ``color``, beside 1-4
+    shapes of the other types in random colours: (shapes, question, answer, rationale,
+    perception_words)."""
+    others = [k for k in SHAPES if k != shape]
+    looks = [(shape, color)]
+    looks += [(rng.choice(others), rng.choice(COLORS)) for _ in range(rng.randint(1, 4))]
+    rng.shuffle(looks)
+    shapes = _scene(rng, looks)
+    (only,) = [s for s in shapes if s["shape"] == shape]
+    rationale = _seen([only], shape)
+    return shapes, f"What color is the {shape}?", only["color"], rationale, [only["color"]]
+
+
 def _question(rng: random.Random, kind: str) -> tuple[list[Shape], str, str, str, list[str]]:
     """Draws a scene and its question: (shapes, question, answer, rationale, perception_words)."""
     if kind == "single_color":
@@ -207,14 +223,7 @@ def _question(rng: random.Random, kind: str) -> tuple[list[Shape], str, str, str
         )
     if kind == "unique_color":
         shape = rng.choice(SHAPES)
-        others = [k for k in SHAPES if k != shape]
-        looks = [(shape, rng.choice(COLORS))]
-        looks += [(rng.choice(others), rng.choice(COLORS)) for _ in range(rng.randint(1, 4))]
-        rng.shuffle(looks)
-        shapes = _scene(rng, looks)
-        (only,) = [s for s in shapes if s["shape"] == shape]
-        rationale = _seen([only], shape)
-        return shapes, f"What color is the {shape}?", only["color"], rationale, [only["color"]]
+        return unique_color_question(rng, shape, rng.choice(COLORS))
     if kind == "color_count":
         color = rng.choice(COLORS)
         count = rng.randint(0, 3)
@@ -255,13 +264,17 @@ def _question(rng: random.Random, kind: str) -> tuple[list[Shape], str, str, str
     raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
 
 
-def _sample_record(rng: random.Random) -> dict[str, Any]:
-    """Draws everything except the rendered image (cheap; used by :func:`corpus`)."""
-    kind = rng.choice(KINDS)
-    background = rng.choice(BACKGROUNDS)
-    shapes, question, answer, rationale, words = _question(rng, kind)
+Question = tuple[list[Shape], str, str, str, list[str]]
+"""(shapes, question, answer, rationale, perception_words), as :func:`_question` draws them."""
+
+
+def question_record(
+    kind: str, background: tuple[int, int, int], question: Question
+) -> dict[str, Any]:
+    """A sample's fields except the rendered image, from its drawn question."""
+    shapes, text, answer, rationale, words = question
     return {
-        "question": question,
+        "question": text,
         "answer": answer,
         "solution": f"<think>{rationale}</think>\\boxed{{{answer}}}",
         "perception_words": words,
@@ -269,6 +282,20 @@ def _sample_record(rng: random.Random) -> dict[str, Any]:
         "shapes": shapes,
         "background": background,
     }
+
+
+def _sample_record(rng: random.Random) -> dict[str, Any]:
+    """Draws everything except the rendered image (cheap; used by :func:`corpus`)."""
+    kind = rng.choice(KINDS)
+    background = rng.choice(BACKGROUNDS)
+    return question_record(kind, background, _question(rng, kind))
+
+
+def rendered(record: dict[str, Any]) -> dict[str, Any]:
+    """A record of :func:`question_record` with its ``background`` drawn into ``image``."""
+    record = dict(record)
+    background = record.pop("background")
+    return {"image": render(record["shapes"], background), **record}
 
 
 def make_sample(rng: random.Random) -> dict[str, Any]:
@@ -282,9 +309,7 @@ def make_sample(rng: random.Random) -> dict[str, Any]:
         ``solution``, ``perception_words``, ``kind`` and ``shapes`` (list of
         ``{shape, color, x, y, size}`` dicts, ``x``/``y`` being the bounding-box centre).
     """
-    record = _sample_record(rng)
-    background = record.pop("background")
-    return {"image": render(record["shapes"], background), **record}
+    return rendered(_sample_record(rng))
 
 
 def generate_samples(n: int, seed: int) -> list[dict[str, Any]]:
@@ -295,7 +320,11 @@ def generate_samples(n: int, seed: int) -> list[dict[str, Any]]:
 
 def build_dataset(n: int, seed: int) -> datasets.Dataset:
     """Builds a ``datasets.Dataset`` with the columns of :data:`FEATURES` (``shapes`` dropped)."""
-    samples = generate_samples(n, seed)
+    return samples_dataset(generate_samples(n, seed))
+
+
+def samples_dataset(samples: list[dict[str, Any]]) -> datasets.Dataset:
+    """The columns of :data:`FEATURES` of drawn samples as a ``datasets.Dataset``."""
     columns = {name: [s[name] for s in samples] for name in FEATURES}
     return datasets.Dataset.from_dict(columns, features=FEATURES)
 
@@ -305,7 +334,7 @@ def prompt_text(question: str) -> str:
     return f"{question} {INSTRUCTION}"
 
 
-def _derive_seed(seed: int, stream: int) -> int:
+def derive_seed(seed: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
@@ -341,12 +370,12 @@ class SyntheticShapes:
     def train_seed(self) -> int:
         """Seed of the training split: ``generate_samples(num_train, train_seed)`` gives its
         rows with their scenes."""
-        return _derive_seed(self.seed, 0)
+        return derive_seed(self.seed, 0)
 
     @property
     def val_seed(self) -> int:
         """Seed of the validation split."""
-        return _derive_seed(self.seed, 1)
+        return derive_seed(self.seed, 1)
 
     def load(self) -> datasets.DatasetDict:
         """Returns (and caches) the ``train`` and ``validation`` splits."""
