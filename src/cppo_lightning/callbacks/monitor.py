@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from cppo_lightning.detection import TokenSelector
 from cppo_lightning.module import CPPOModule
@@ -149,7 +150,9 @@ class PerceptionMonitor(pl.Callback):
     ``..._rho0.25`` and ``..._rho0.5`` (:func:`baseline_counts`). Every ``every_n_steps`` steps, to
     TensorBoard: original | preserving | removing images of ``num_prompts`` prompts, and their
     first responses with the selected tokens in ``[[...]]``. Does nothing for what a run does
-    not produce (no views under GRPO, no selected tokens under PAPO).
+    not produce (no views under GRPO, no selected tokens under PAPO). Data without
+    ``words_column`` (any data but the synthetic task's, unless it labels its own) gets the
+    panels and no precision, and the run's log says so once.
 
     Args:
         every_n_steps: Rollout batches between panels; 0 disables panels.
@@ -169,6 +172,7 @@ class PerceptionMonitor(pl.Callback):
         self.num_prompts = num_prompts
         self.words_column = words_column
         self._batches = 0
+        self._told_no_words = False
 
     def on_train_batch_end(
         self,
@@ -185,6 +189,14 @@ class PerceptionMonitor(pl.Callback):
         rollout = record.rollout
         labels = None
         words = rollout.prompts.columns.get(self.words_column)
+        if record.perception_mask is not None and words is None and not self._told_no_words:
+            self._told_no_words = True
+            rank_zero_info(
+                f"PerceptionMonitor: the training data has no {self.words_column!r} column, so "
+                "perception/precision and its baselines are not logged (the synthetic task "
+                "labels the words that state image facts; other data does not); the image and "
+                "response panels are still written."
+            )
         if record.perception_mask is not None and words is not None:
             per_response = [words[int(i)] for i in rollout.prompt_index.tolist()]
             labels = perception_word_labels(
