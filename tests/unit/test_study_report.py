@@ -12,12 +12,20 @@ import pytest
 from cppo_lightning.errors import ConfigError
 from cppo_lightning.study.report import (
     aggregate,
+    greedy_table,
     t_cdf_two_sided,
     t_interval,
     t_quantile,
     to_markdown,
 )
-from cppo_lightning.study.runs import first, last, merge_attempts, read_record, resume_checkpoint
+from cppo_lightning.study.runs import (
+    first,
+    greedy_figures,
+    last,
+    merge_attempts,
+    read_record,
+    resume_checkpoint,
+)
 from cppo_lightning.study.settings import (
     check_settings,
     compare_settings,
@@ -280,3 +288,47 @@ def test_the_start_of_a_curve_is_its_step_0_value_or_none():
     assert first([(200, 0.515), (400, 0.53)]) is None
     assert first(None) is None and first([]) is None
     assert last([(200, 0.515), (400, 0.53)]) == 0.53
+
+
+def test_greedy_figures_of_every_set_and_condition():
+    scalars = {
+        "eval/shortcut-counter/original/accuracy": [(0, 0.55), (200, 0.40), (600, 0.30)],
+        "eval/shortcut-counter/blank/accuracy": [(0, 0.23), (600, 0.05)],
+        "eval/shortcut-counter/blank/gap": [(0, 0.32), (600, 0.25)],
+        "eval/shortcut/original/accuracy": [(200, 0.70), (600, 0.80)],  # no step 0: no start
+        "val/accuracy": [(0, 0.4)],
+    }
+    f = greedy_figures(scalars)
+    assert f["greedy/shortcut-counter/original/accuracy_first"] == 0.55
+    assert f["greedy/shortcut-counter/original/accuracy_last"] == 0.30
+    # end minus start: a drop is negative
+    assert f["greedy/shortcut-counter/original/accuracy_change"] == pytest.approx(-0.25)
+    assert f["greedy/shortcut-counter/blank/accuracy_change"] == pytest.approx(-0.18)
+    assert f["greedy/shortcut-counter/blank/gap_change"] == pytest.approx(-0.07)
+    assert f["greedy/shortcut/original/accuracy_first"] is None
+    assert f["greedy/shortcut/original/accuracy_change"] is None
+    assert f["greedy/shortcut/original/accuracy_last"] == 0.80
+    assert not any(k.startswith("greedy/shortcut/original/gap") for k in f)
+    assert not any("val" in k for k in f)
+
+
+def test_greedy_table_rows_per_method_and_set():
+    def greedy(start: float, end: float) -> dict:
+        return {
+            "greedy/counter/original/accuracy_first": start,
+            "greedy/counter/original/accuracy_last": end,
+            "greedy/counter/original/accuracy_change": end - start,
+        }
+
+    records = [
+        _record("grpo", 0, 0.5, **greedy(0.6, 0.2)),
+        _record("grpo", 1, 0.5, **greedy(0.6, 0.4)),
+        _record("cppo", 0, 0.5, **greedy(0.6, 0.7)),
+    ]
+    text = greedy_table(aggregate(records))
+    lines = text.splitlines()
+    assert lines[0] == "| method | set | original start -> end | original change |"
+    # grpo: end 0.2 and 0.4 -> 30.0; change -0.4 and -0.2 -> -30.0 +- 12.7062 * 0.1414 / 1.414
+    assert lines[2] == "| grpo | counter | 60.0 -> 30.0 | -30.0 [-157.1, +97.1] |"
+    assert lines[3] == "| cppo | counter | 60.0 -> 70.0 | +10.0 |"
+    assert greedy_table(aggregate([_record("grpo", 0, 0.5)])) == ""

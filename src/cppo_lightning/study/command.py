@@ -293,13 +293,14 @@ def check_args(args: argparse.Namespace, pass_through: list[str]) -> None:
 
 
 def collect(output: Path, order: list[str], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The study's runs: every finished run under ``output/runs`` of the study's methods, and
-    this command's runs that did not finish; by method (in ``order``), then seed."""
+    """The study's runs: every finished run under ``output/runs`` of the study's methods (its
+    record rebuilt from its logs: :func:`~cppo_lightning.study.runs.refreshed`), and this
+    command's runs that did not finish; by method (in ``order``), then seed."""
     records = {(r["method"], r["seed"]): r for r in fresh}
     for path in sorted((output / "runs").glob(f"*/{run_files.RECORD}")):
         record = run_files.read_record(path.parent)
         if record is not None and record["method"] in order:
-            records[(record["method"], record["seed"])] = record
+            records[(record["method"], record["seed"])] = run_files.refreshed(record)
     return sorted(records.values(), key=lambda r: (order.index(r["method"]), r["seed"]))
 
 

@@ -226,6 +226,51 @@ def methods_table(methods: dict[str, dict[str, Any]], samples: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def greedy_sets(methods: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """The (set, image condition) pairs of the Evaluation callback's greedy figures
+    (``greedy/<set>/<images>/accuracy_last``) any method has, in sorted order."""
+    pairs = {
+        tuple(name.split("/")[1:3])
+        for summary in methods.values()
+        for name in summary["figures"]
+        if name.startswith("greedy/") and name.endswith("/accuracy_last")
+    }
+    return sorted(pairs)  # type: ignore[arg-type]
+
+
+def greedy_table(methods: dict[str, dict[str, Any]]) -> str:
+    """One row per method and greedy set: per image condition, the accuracy before any update
+    -> at the end, and the change with its 95% t-interval over seeds; then the gaps' change.
+    Empty when no run logged greedy figures."""
+    pairs = greedy_sets(methods)
+    if not pairs:
+        return ""
+    images = sorted({c for _, c in pairs}, key=lambda c: (c != "original", c))
+    header = "| method | set | " + " | ".join(f"{c} start -> end | {c} change" for c in images)
+    gaps = [c for c in images if c != "original"]
+    header += "".join(f" | gap {c} start -> end | gap {c} change" for c in gaps) + " |"
+    lines = [header, "|---|---|" + "---:|" * (2 * len(images) + 2 * len(gaps))]
+    for method, summary in methods.items():
+        figures = summary["figures"]
+        for name in sorted({s for s, _ in pairs}):
+            cells = []
+            for c in images:
+                cells += _change_cells(figures, f"greedy/{name}/{c}/accuracy", "pct")
+            for c in gaps:
+                cells += _change_cells(figures, f"greedy/{name}/{c}/gap", "pts")
+            if all(cell in ("-", "- -> -") for cell in cells):
+                continue
+            lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _change_cells(figures: dict[str, Any], key: str, kind: str) -> list[str]:
+    empty = t_interval([])
+    start = format_value(figures.get(f"{key}_first", empty)["mean"], kind)
+    end = format_value(figures.get(f"{key}_last", empty)["mean"], kind)
+    return [f"{start} -> {end}", format_interval(figures.get(f"{key}_change", empty), "pts")]
+
+
 def to_markdown(study: dict[str, Any]) -> str:
     """``study.md``: the settings in one paragraph, the per-method table, the per-run table and
     the runs that failed (with their logs)."""
@@ -247,6 +292,18 @@ def to_markdown(study: dict[str, Any]) -> str:
         "## Per method (mean over seeds [95% t-interval])",
         "",
         methods_table(study["per_method"], k),
+    ]
+    greedy = greedy_table(study["per_method"])
+    if greedy:
+        lines += [
+            "## Greedy accuracy during training (Evaluation callback; mean over seeds)",
+            "",
+            "Start is before the first update, end the last evaluation; change is end minus "
+            "start in percentage points with its 95% t-interval over seeds.",
+            "",
+            greedy,
+        ]
+    lines += [
         "## Per run",
         "",
         runs_table(study["runs"], k),

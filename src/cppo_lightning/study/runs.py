@@ -198,6 +198,32 @@ def greedy_tags(scalars: dict[str, Series]) -> dict[str, str]:
     return {c: p for c, p in prefixes.items() if f"{p}accuracy" in scalars}
 
 
+GREEDY_TAG = re.compile(r"eval/(?P<set>[^/]+)/(?P<images>[^/]+)/accuracy")
+
+
+def greedy_figures(scalars: dict[str, Series]) -> dict[str, float | None]:
+    """The Evaluation callback's greedy figures of every set and image condition it logged, as
+    ``greedy/<set>/<images>/<figure>``: ``accuracy_first`` (at step 0, the policy before any
+    update; None when the run logged none there), ``accuracy_last``, ``accuracy_change`` (last
+    minus first), and for conditions with a gap ``gap_first``, ``gap_last`` and ``gap_change``."""
+    figures: dict[str, float | None] = {}
+    for tag in sorted(scalars):
+        match = GREEDY_TAG.fullmatch(tag)
+        if not match:
+            continue
+        prefix = f"eval/{match['set']}/{match['images']}/"
+        for name in ("accuracy", "gap"):
+            series = scalars.get(prefix + name)
+            if series is None:
+                continue
+            start, end = first(series), last(series)
+            key = f"greedy/{match['set']}/{match['images']}/{name}"
+            figures[f"{key}_first"] = start
+            figures[f"{key}_last"] = end
+            figures[f"{key}_change"] = None if start is None or end is None else end - start
+    return figures
+
+
 def evaluation(results_file: Path) -> dict[str, Any]:
     """The ``cppo evaluate`` results of the run's policy: its benchmark and, per condition,
     ``accuracy`` (avg@k), ``ci95`` (over prompts), ``std`` (over sample sets), ``gap``."""
@@ -248,6 +274,7 @@ def build_record(
         "step_seconds": step_seconds(scalars),
         "tokens_generated": tokens_generated(scalars, responses_per_batch(log_dir / "config.yaml")),
         "wall_seconds": wall_seconds,
+        **greedy_figures(scalars),
     }
     figures = {k: (v if v is None or math.isfinite(v) else None) for k, v in figures.items()}
     return {
@@ -269,3 +296,16 @@ def build_record(
         "curves": {tag: [[s, v] for s, v in series] for tag, series in curves.items()},
         "figures": figures,
     }
+
+
+def refreshed(record: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's record (:func:`read_record`) rebuilt from its logs and evaluation, so that
+    a report shows every figure the study code now computes, also for runs finished before a
+    figure was added; its wall time, measured only while it ran, is kept."""
+    return build_record(
+        record["method"],
+        record["seed"],
+        Path(record["run_dir"]),
+        Path(record["log_dir"]),
+        record.get("wall_seconds"),
+    )
