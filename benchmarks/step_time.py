@@ -3,7 +3,8 @@
     python benchmarks/step_time.py [--steps 12] [--rounds 3] [--accelerator auto]
 
 Each (method, round) runs `cppo fit` for a few steps in a fresh child process (so peak memory is
-per method): CPPO is configs/base.yaml, GRPO and PAPO add configs/experiments/{grpo,papo}.yaml.
+per method): CPPO is configs/base.yaml, every other method adds its configs/experiments/ overlay
+(`--methods cppo grpo dapo ...`; default cppo grpo papo).
 Rounds interleave the methods (cppo, grpo, papo, cppo, ...), so a slow spell of a shared machine
 hits all of them alike. The per-step timings the module logs (`rollout/seconds`,
 `train/update_seconds`) are read back from TensorBoard, the first step of each child dropped
@@ -29,10 +30,13 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Every method of configs/experiments/ (its overlay on base.yaml), and CPPO (base.yaml alone).
 OVERLAYS = {
-    "grpo": ["configs/experiments/grpo.yaml"],
-    "papo": ["configs/experiments/papo.yaml"],
     "cppo": [],
+    **{
+        path.stem: [str(path.relative_to(REPO))]
+        for path in sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+    },
 }
 
 
@@ -104,7 +108,9 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=12, help="steps per child run")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", default=["cppo", "grpo", "papo"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["cppo", "grpo", "papo"], choices=sorted(OVERLAYS)
+    )
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--child", choices=sorted(OVERLAYS), help=argparse.SUPPRESS)
     args = parser.parse_args()
