@@ -127,6 +127,28 @@ class SamplerLogps(LogitsProcessor):
         return logps
 
 
+class NoEndBefore(LogitsProcessor):
+    """Masks the end-of-sequence tokens until a response has ``min_new_tokens`` tokens, so that
+    responses run to a fixed length (benchmarks; see :class:`HFGenerate`).
+
+    Placed after :class:`SamplerLogps`, so the recorded log-probs are the policy's own (what
+    training scores), not those of the masked distribution.
+    """
+
+    def __init__(
+        self, prompt_length: int, min_new_tokens: int, eos_token_ids: Sequence[int]
+    ) -> None:
+        self.prompt_length = prompt_length
+        self.min_new_tokens = min_new_tokens
+        self.eos_token_ids = list(eos_token_ids)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] - self.prompt_length >= self.min_new_tokens:
+            return scores
+        eos = torch.tensor(self.eos_token_ids, device=scores.device)
+        return scores.index_fill(-1, eos, float("-inf"))  # [N, V]
+
+
 class Samples(NamedTuple):
     """Responses sampled for a batch of prompts.
 
@@ -250,11 +272,13 @@ def sample_responses(
     *,
     num_samples: int,
     suppress_token_ids: Sequence[int] = (),
+    min_new_tokens: int = 0,
 ) -> Samples:
     """Sample ``num_samples`` responses per prompt with HF ``generate``, configured only from
     ``sampling`` (the checkpoint's ``generation_config`` is ignored, see
     :func:`ignored_generation_settings`), recording each token's log-prob under the
-    distribution it was drawn from."""
+    distribution it was drawn from. ``min_new_tokens`` > 0 masks end-of-sequence before that
+    many tokens (:class:`NoEndBefore`; the recorded log-probs are then the policy's, unmasked)."""
     tokenizer = processor.tokenizer  # type: ignore[attr-defined]
     per_call = max(1, (sampling.batch_size or 0) // num_samples) if sampling.batch_size else None
     if per_call is not None and per_call < prompts.num_prompts:
@@ -267,6 +291,7 @@ def sample_responses(
                 dataclasses.replace(sampling, batch_size=None),
                 num_samples=num_samples,
                 suppress_token_ids=suppress_token_ids,
+                min_new_tokens=min_new_tokens,
             )
             for chunk in index.split(per_call)
         ]
@@ -290,13 +315,16 @@ def sample_responses(
     if prompts.mm_token_type_ids is not None:
         inputs["mm_token_type_ids"] = prompts.mm_token_type_ids
     recorder = SamplerLogps()
+    processors: list[LogitsProcessor] = [*sampling.warpers(), recorder]
+    if min_new_tokens > 0:  # after the recorder: it records the policy's own log-probs
+        processors.append(NoEndBefore(prompts.input_ids.shape[1], min_new_tokens, eos_ids))
     with _only_these_settings(policy):
         sequences = policy.generate(  # type: ignore[operator]
             **inputs,
             generation_config=sampling.generation_config(
                 eos_ids, tokenizer.pad_token_id, suppress_token_ids, num_samples
             ),
-            logits_processor=LogitsProcessorList([*sampling.warpers(), recorder]),
+            logits_processor=LogitsProcessorList(processors),
         )
     response_ids = sequences[:, prompts.input_ids.shape[1] :]  # [N, L]
     response_mask = response_mask_from_ids(response_ids, eos_ids)
@@ -361,7 +389,26 @@ class RolloutEngine(abc.ABC):
 
 class HFGenerate(RolloutEngine):
     """Hugging Face ``generate`` on the training policy itself (:func:`sample_responses`): no
-    second copy of the weights, so nothing to synchronise."""
+    second copy of the weights, so nothing to synchronise.
+
+    Args:
+        min_new_tokens: For benchmarks (``benchmarks/gpu_check.py``): end-of-sequence is masked
+            until a response has this many tokens, so responses run to a fixed length
+            (``rollout.max_new_tokens`` when it is at least that). The sampler's log-probs are
+            recorded before the masking (the policy's own, which training scores), so
+            ``rollout/logp_mismatch`` still measures numerics only, while the forced tokens are
+            off-policy by the end-of-sequence mass: not for training runs. 0 leaves generation
+            alone.
+    """
+
+    min_new_tokens: int = 0  # subclasses that do not call this __init__ sample as before
+
+    def __init__(self, min_new_tokens: int = 0) -> None:
+        if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int):
+            raise ValueError(f"HFGenerate: min_new_tokens must be an int, got {min_new_tokens!r}.")
+        if min_new_tokens < 0:
+            raise ValueError(f"HFGenerate: min_new_tokens must be >= 0, got {min_new_tokens}.")
+        self.min_new_tokens = min_new_tokens
 
     def sample(
         self,
@@ -380,6 +427,7 @@ class HFGenerate(RolloutEngine):
             sampling,
             num_samples=num_samples,
             suppress_token_ids=suppress_token_ids,
+            min_new_tokens=self.min_new_tokens,
         )
 
 
