@@ -1,4 +1,4 @@
-"""Perception-token detection by entropy shift (spec §2) as pure tensor functions.
+"""Perception-token detection by entropy shift (docs/method.md §2) as pure tensor functions.
 
 A response token is *perception-dependent* when destroying the task-relevant image content (the
 information-removing view I-) makes the policy markedly less sure of the next token. With ``H`` the
@@ -209,7 +209,7 @@ def perception_token_mask(
     ranking: str = "entropy-shift",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Select the perception-dependent tokens of each response (spec §2).
+    """Select the perception-dependent tokens of each response (docs/method.md §2).
 
     Per response (row), the candidates are its valid tokens (``mask != 0``) whose entropy rises,
     ``dH = H- - H > 0``; call their count ``n``. The candidates whose score (see
@@ -318,7 +318,7 @@ def perception_token_mask(
 
 @dataclass(frozen=True)
 class TokenSelector:
-    """The perception-token selection rule as one injectable, validated value (spec §2).
+    """The perception-token selection rule as one injectable, validated value (docs/method.md §2).
 
     Calling it applies :func:`perception_token_mask` with these options, passing the advantages
     only when ``gate_advantages`` is on. The ``"random"`` ranking draws from torch's global

@@ -139,7 +139,7 @@ class PerceptionObjective(abc.ABC):
 
 
 class ContrastivePerception(PerceptionObjective):
-    """CPPO's Contrastive Perception Loss (spec §2-§3) on detected perception tokens.
+    """CPPO's Contrastive Perception Loss (docs/method.md §2-§3) on detected perception tokens.
 
     Detection compares each token's entropy under the original and the information-removing
     image. With advantage gating (the default) only responses with A > 0 can carry selected
@@ -255,8 +255,8 @@ def _empty_stats() -> dict[str, Tensor]:
 
 
 class ImplicitPerception(PerceptionObjective):
-    """PAPO's baseline (spec §5): maximise KL(pi(.|I) || pi(.|I_mask)) on all tokens of all
-    rollouts, plus the double-entropy penalty on both branches.
+    """PAPO's baseline (docs/method.md §5): maximise KL(pi(.|I) || pi(.|I_mask)) on all tokens of
+    all rollouts, plus the double-entropy penalty on both branches.
 
     The masked image is the DataModule's ``removing_view`` (PAPO's patch masking in
     ``configs/experiments/papo.yaml``).

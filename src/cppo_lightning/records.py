@@ -16,7 +16,7 @@ from cppo_lightning.families import select_vision
 
 
 class ImageViews(NamedTuple):
-    """The perturbed views of the images of a prompt batch (spec: I+ and I-).
+    """The perturbed views of the images of a prompt batch (I+ and I-, docs/method.md).
 
     Drawn once per prompt and epoch, so the G rollouts of a prompt share them. Each view keeps
     its image's H x W, so the processor gives the same number of image tokens and the prompt

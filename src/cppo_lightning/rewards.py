@@ -46,7 +46,7 @@ from math_verify import parse, verify
 
 RewardFunction = Callable[..., Sequence[float]]
 
-# The whole response: reasoning in <think>...</think>, then a \boxed{} answer (spec §1).
+# The whole response: reasoning in <think>...</think>, then a \boxed{} answer (docs/method.md §1).
 _FORMAT = re.compile(r"^<think>.*</think>.*\\boxed\{.*\}.*$", re.DOTALL)
 
 #: Seconds math-verify may spend on one parse or one comparison (main thread only, see above).

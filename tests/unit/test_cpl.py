@@ -1,4 +1,5 @@
-"""Unit tests for the Contrastive Perception Loss against numbers derived by hand (spec §3, §7)."""
+"""Unit tests for the Contrastive Perception Loss against numbers derived by hand
+(docs/method.md §3, §7)."""
 
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def test_exact_kl_by_hand():
 
 
 def _reference(logp, pos, neg, mask, tau, divergence):
-    """Straightforward transcription of spec §3 without clamps (inputs kept moderate)."""
+    """Straightforward transcription of docs/method.md §3 without clamps (inputs kept moderate)."""
     if divergence == "k3":
 
         def div(a, o):

@@ -1,4 +1,5 @@
-"""Unit tests for cppo_lightning.detection against numbers derived by hand (spec §2, §7)."""
+"""Unit tests for cppo_lightning.detection against numbers derived by hand
+(docs/method.md §2, §7)."""
 
 from __future__ import annotations
 
@@ -275,7 +276,7 @@ def test_output_is_bool_without_grad():
 
 
 def _reference_mask(h, h_neg, mask, top_fraction, top_k, score, adv):
-    """Row-by-row transcription of the rule in spec §2, for comparison."""
+    """Row-by-row transcription of the rule of docs/method.md §2, for comparison."""
     out = torch.zeros_like(h, dtype=torch.bool)
     scores = entropy_shift_score(h, h_neg, score=score)
     for i in range(h.shape[0]):

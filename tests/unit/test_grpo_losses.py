@@ -1,4 +1,5 @@
-"""Unit tests for cppo_lightning.losses.grpo against numbers derived by hand (spec §1, §7)."""
+"""Unit tests for cppo_lightning.losses.grpo against numbers derived by hand
+(docs/method.md §1, §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Unit tests for PAPO's implicit perception loss (spec §5)."""
+"""Unit tests for PAPO's implicit perception loss (docs/method.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Perturbations: shapes and range, seeding, containers, hand-checkable properties (spec §4, §5)."""
+"""Perturbations: shapes and range, seeding, containers, hand-checkable properties
+(docs/method.md §4, §5)."""
 
 from __future__ import annotations
 

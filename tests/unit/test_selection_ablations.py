@@ -1,7 +1,7 @@
 """CPPO's own ablations of the token selection (issue 31), against values derived by hand.
 
 ``ranking="entropy"`` and ``ranking="random"`` keep the entropy-shift rule's budget of tokens per
-response (spec §2) and change only which tokens fill it (:mod:`cppo_lightning.rankings`).
+response (docs/method.md §2) and change only which tokens fill it (:mod:`cppo_lightning.rankings`).
 """
 
 from __future__ import annotations

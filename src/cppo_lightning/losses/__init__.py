@@ -1,4 +1,4 @@
-"""Loss functions as pure tensor functions (spec §1, §3 and §5).
+"""Loss functions as pure tensor functions (docs/method.md §1, §3 and §5).
 
 ``grpo`` holds the base RL objective: group advantages, the clipped policy loss, the KL estimators
 and the token aggregation they share. ``cpl`` holds CPPO's Contrastive Perception Loss over the

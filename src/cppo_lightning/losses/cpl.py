@@ -1,4 +1,4 @@
-"""The Contrastive Perception Loss (CPL, spec §3) as a pure tensor function.
+"""The Contrastive Perception Loss (CPL, docs/method.md §3) as a pure tensor function.
 
 At each selected perception token (see :mod:`cppo_lightning.detection`) the policy's next-token
 distribution given the original image I should stay close to the one given the
@@ -114,7 +114,7 @@ def contrastive_perception_loss(
     divergence: str = "k3",
     stop_gradient_anchor: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Contrastive Perception Loss over the selected tokens of a micro-batch (spec §3).
+    """Contrastive Perception Loss over the selected tokens of a micro-batch (docs/method.md §3).
 
     Per selected token, with the anchor ``logp`` (view I) and the other views ``logp_pos`` (I+)
     and ``logp_neg`` (I-)::

@@ -1,4 +1,4 @@
-"""GRPO building blocks as pure tensor functions (spec §1).
+"""GRPO building blocks as pure tensor functions (docs/method.md §1).
 
 Everything here works on plain tensors laid out the way a rollout batch is: ``N = B * G``
 responses, group-contiguous (rows ``g*G .. g*G + G - 1`` are the G generations of prompt ``g``),
@@ -43,10 +43,10 @@ def group_advantages(
     """Group-relative advantages: each reward minus its group mean, optionally scaled.
 
     ``A_i = (r_i - mean_group(r)) / (std_group(r) + eps)`` with the sample (unbiased) standard
-    deviation, as ``torch.std`` computes it (spec §1). A group whose rewards are all equal carries
-    no learning signal and gets advantage exactly 0 under every ``scale``; this is enforced
-    explicitly rather than left to floating point, where ``r - mean(r)`` of equal values need not
-    round to 0.
+    deviation, as ``torch.std`` computes it (docs/method.md §1). A group whose rewards are all
+    equal carries no learning signal and gets advantage exactly 0 under every ``scale``; this is
+    enforced explicitly rather than left to floating point, where ``r - mean(r)`` of equal values
+    need not round to 0.
 
     Args:
         rewards: One scalar reward per response, group-contiguous.

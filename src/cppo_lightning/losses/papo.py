@@ -1,4 +1,4 @@
-"""PAPO's implicit perception loss (spec §5, arXiv 2507.06448), for baseline runs.
+"""PAPO's implicit perception loss (docs/method.md §5, arXiv 2507.06448), for baseline runs.
 
 PAPO adds to GRPO/DAPO ``-gamma * KL(pi(.|I) || pi(.|I_mask))``, where ``I_mask`` blacks out
 random image patches: minimising it *maximises* how much the policy's sampled tokens depend on

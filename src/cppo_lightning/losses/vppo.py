@@ -22,7 +22,7 @@ a23c54b, 2026-04-03): ``verl/workers/actor/dp_actor.py`` ``DataParallelPPOActor.
 ``examples/configs/train_vppo_7b.sh`` / ``train_vppo_8b.sh``. The paper's own equations were not
 available to us beyond its abstract (which says only that trajectories are reweighted "by
 overall visual dependency" and updates focus on "perceptually pivotal tokens"); where the paper
-states other values, the code wins here, as spec §8 asks.
+states other values, the code wins here, as for every method of docs/method.md §8.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Image perturbations for CPPO's contrastive views and PAPO's masked view (spec §4, §5).
+"""Image perturbations for CPPO's contrastive views and PAPO's masked view (docs/method.md §4, §5).
 
 A perturbation is any ``torch.nn.Module`` mapping float RGB images ``[B, 3, H, W]`` in ``[0, 1]`` to
 ``[B, 3, H, W]``; kornia augmentations work as they are, and YAML configs swap them with
@@ -44,7 +44,7 @@ __all__ = [
 
 
 def information_preserving() -> OneOf:
-    """Build spec §4's information-preserving family: one of colour jitter, perspective, rotation.
+    """Build the information-preserving family: one of colour jitter, perspective, rotation.
 
     kornia's ``ColorJitter`` takes torchvision's factors: a ``(low, high)`` brightness range draws a
     factor the image is multiplied by (``adjust_brightness_accumulative``; identity at 1), contrast
@@ -77,7 +77,7 @@ def information_preserving() -> OneOf:
 
 
 def information_removing() -> OneOf:
-    """Build spec §4's information-removing family: one of random occlusion and zoom crop.
+    """Build the information-removing family: one of random occlusion and zoom crop.
 
     Returns:
         A uniform :class:`OneOf` over ``RandomOcclusion()`` and ``ZoomCrop()``.
@@ -90,7 +90,7 @@ def information_removing() -> OneOf:
 
 
 def patch_masking() -> PatchMask:
-    """Build PAPO's masked view (spec §5): 14-px patches blacked out with probability 0.6.
+    """Build PAPO's masked view (docs/method.md §5): 14-px patches blacked out with probability 0.6.
 
     Returns:
         ``PatchMask(patch_size=14, mask_prob=0.6)``.

@@ -2,8 +2,8 @@
 
 kornia's ``AugmentationSequential(*args)`` cannot be built by jsonargparse because it takes
 ``*args``; :class:`OneOf` and :class:`Chain` take a ``list`` of modules instead. Both check after
-every member that the image batch kept its ``B x C x H x W`` shape (spec §4: every view keeps
-``H x W``).
+every member that the image batch kept its ``B x C x H x W`` shape (docs/method.md §4: every
+view keeps ``H x W``).
 """
 
 from __future__ import annotations
@@ -49,13 +49,14 @@ def check_same_shape(module: nn.Module, before: torch.Size, after: object) -> No
         raise ValueError(
             f"perturbation {_describe(module)} changed the image size from "
             f"{before[-2]}x{before[-1]} to {after.shape[-2]}x{after.shape[-1]}; every view must "
-            "keep H x W (spec §4). Remove it or configure it to keep the size (e.g. crop and "
-            "resize back to H x W)."
+            "keep H x W (docs/method.md §4). Remove it or configure it to keep the size (e.g. "
+            "crop and resize back to H x W)."
         )
     raise ValueError(
         f"perturbation {_describe(module)} changed the batch shape from {list(before)} to "
-        f"{list(after.shape)}; a perturbation must map [B, 3, H, W] to [B, 3, H, W] (spec §4). "
-        "For a kornia augmentation check keepdim and that it does not add or drop channels."
+        f"{list(after.shape)}; a perturbation must map [B, 3, H, W] to [B, 3, H, W] "
+        "(docs/method.md §4). For a kornia augmentation check keepdim and that it does not add or "
+        "drop channels."
     )
 
 

@@ -1,4 +1,4 @@
-"""Custom image perturbations written as kornia augmentations (spec §4 and §5).
+"""Custom image perturbations written as kornia augmentations (docs/method.md §4 and §5).
 
 Each class follows kornia 0.9's conventions: the hyperparameters are fixed in ``__init__``, every
 random number is drawn by the module's parameter generator (``_param_generator``, called from
@@ -136,7 +136,7 @@ class _OcclusionGenerator(_TorchDrawGenerator):
 
 
 class RandomOcclusion(IntensityAugmentationBase2D):
-    r"""Cover random rectangles with uniform RGB noise (spec §4, information-removing).
+    r"""Cover random rectangles with uniform RGB noise (docs/method.md §4, information-removing).
 
     ``num_rectangles`` rectangles are drawn per image. Each side is an independent ``U(*scale)``
     fraction of the image side (rounded to whole pixels, at least 1), the position is uniform with
@@ -187,7 +187,7 @@ class RandomOcclusion(IntensityAugmentationBase2D):
         ):
             raise ValueError(
                 f"num_rectangles must be a non-negative integer; got {num_rectangles!r}. "
-                "Pass e.g. num_rectangles=50 (spec §4), or 0 for no occlusion."
+                "Pass e.g. num_rectangles=50 (docs/method.md §4), or 0 for no occlusion."
             )
         scale = _check_fraction_range(scale, "scale")
         p = _check_probability(p, "p")
@@ -257,7 +257,7 @@ class _ZoomCropGenerator(_TorchDrawGenerator):
 
 
 class ZoomCrop(GeometricAugmentationBase2D):
-    r"""Crop a random ``f*H x f*W`` window, resized back to ``H x W`` (spec §4, info-removing).
+    r"""Crop a random ``f*H x f*W`` window, resized back to ``H x W`` (docs/method.md §4, I-).
 
     One side fraction ``f ~ U(*scale)`` serves both sides, so the aspect ratio is kept; the window's
     position is uniform over the image (continuous, sub-pixel). The window is resampled bilinearly
@@ -362,7 +362,7 @@ class _PatchMaskGenerator(_TorchDrawGenerator):
 
 
 class PatchMask(IntensityAugmentationBase2D):
-    r"""Black out square patches independently at random (PAPO's masked view, spec §5).
+    r"""Black out square patches independently at random (PAPO's masked view, docs/method.md §5).
 
     The image is tiled into ``patch_size x patch_size`` patches from the top-left corner (the last
     row and column of patches may be partial) and each patch is set to ``0`` with probability
@@ -400,7 +400,7 @@ class PatchMask(IntensityAugmentationBase2D):
         if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(
                 f"patch_size must be a positive integer (pixels); got {patch_size!r}. "
-                "Pass e.g. patch_size=14 (PAPO, spec §5)."
+                "Pass e.g. patch_size=14 (PAPO, docs/method.md §5)."
             )
         mask_prob = _check_probability(mask_prob, "mask_prob")
         p = _check_probability(p, "p")

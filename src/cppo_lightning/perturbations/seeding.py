@@ -30,7 +30,7 @@ def view_seed(seed: int, index: int, epoch: int, stream: str) -> int:
     Args:
         seed: the run's base seed.
         index: the image's index in the dataset.
-        epoch: the epoch (views are redrawn every epoch, spec §4).
+        epoch: the epoch (views are redrawn every epoch, docs/method.md §4).
         stream: which view, e.g. ``"preserving"`` or ``"removing"``.
 
     Returns:
