@@ -332,3 +332,17 @@ def test_greedy_table_rows_per_method_and_set():
     assert lines[2] == "| grpo | counter | 60.0 -> 30.0 | -30.0 [-157.1, +97.1] |"
     assert lines[3] == "| cppo | counter | 60.0 -> 70.0 | +10.0 |"
     assert greedy_table(aggregate([_record("grpo", 0, 0.5)])) == ""
+
+
+def test_a_second_study_on_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    from cppo_lightning.study.command import main, study_lock
+
+    output = tmp_path / "study"
+    with study_lock(output):
+        assert "pid " in (output / "study.lock").read_text()
+        with pytest.raises(ConfigError, match="another cppo study is running on this folder"):
+            main(["--config", "configs/base.yaml", "--methods", "grpo", "--output", str(output)])
+        with pytest.raises(ConfigError, match="another cppo study is running"), study_lock(output):
+            pass
+    with study_lock(output):  # released when the first ended
+        pass

@@ -16,6 +16,8 @@ docs/study.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -330,6 +332,35 @@ def write_report(output: Path, settings: dict[str, Any], records: list[dict[str,
         say(f"wrote {path}")
 
 
+LOCK_FILE = "study.lock"
+
+
+@contextlib.contextmanager
+def study_lock(output: Path) -> Any:
+    """Holds ``output/study.lock`` for the command: a second ``cppo study`` on the same folder
+    (which would train the same runs into the same folders at once) is refused. The lock is the
+    operating system's (``flock``), so it is gone when its process ends, however it ends."""
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(
+                f"--output {output}: another cppo study is running on this folder ({holder}); "
+                "wait for it to end, or give another --output."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``cppo study``; the exit status (1 when a run failed).
 
@@ -352,6 +383,21 @@ def main(argv: list[str] | None = None) -> int:
         args.eval_set,
         args.eval_batch_size,
     )
+    if not args.report_only:
+        check_settings(output, current)  # refused before the lock: nothing is written
+    with study_lock(output):
+        return _study(args, output, current, methods, configs, pass_through)
+
+
+def _study(
+    args: argparse.Namespace,
+    output: Path,
+    current: dict[str, Any],
+    methods: list[Method],
+    configs: list[Path],
+    pass_through: list[str],
+) -> int:
+    """The study under its lock: train and evaluate the runs not finished yet, then report."""
     fresh: list[dict[str, Any]] = []
     if args.report_only:  # the study on disk, whatever this command's settings
         try:
