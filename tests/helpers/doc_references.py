@@ -49,7 +49,7 @@ FOLDERS = ("configs", "src", "docs", "benchmarks", "scripts", "tests", "locks")
 SECTIONS = ("trainer", "model", "data", "rollout", "perception_tokens", "cpl_weight")
 #: Flags of other programs the docs mention in prose (commands of theirs are not checked).
 OTHER_PROGRAMS = re.compile(
-    r"(^|[\s`(#])(pip|pip-compile|nox|torchrun|srun|sbatch|python -m (?!cppo)|huggingface-cli|"
+    r"(^|[\s`(#])(pip3?|pip-compile|nox|torchrun|srun|sbatch|python3? -m (?!cppo)|huggingface-cli|"
     r"tensorboard|pytest|git|lmms_eval|ruff|mypy|iconv|unzip|salloc|SBATCH|SLURM)\b"
 )
 
@@ -554,7 +554,8 @@ class References:
             elif command is not None:
                 if flag not in self.command_flags[command]:
                     yield f"--{flag}: cppo {command} takes no such flag"
-            elif not other and flag not in self.every_flag:
+            elif not other and not line.code and flag not in self.every_flag:
+                # (a code line without a cppo command or a shipped script is another program's)
                 yield f"--{flag}: no cppo command or shipped script takes it"
 
 
