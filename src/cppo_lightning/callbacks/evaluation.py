@@ -14,7 +14,9 @@ Logs ``eval/<benchmark>/<images>/accuracy`` (and ``pass_at_k``, ``format_rate``,
 ``val/accuracy`` is not touched. Each rank scores its share of the batches (the same shard as
 ``cppo evaluate``'s) and the sums are added over ranks by the trainer's strategy. Responses are
 sampled by the run's rollout engine (``rollout.engine``, the module's ``rollout_engine``), in a
-forked, seeded RNG: evaluating does not change the training run.
+forked, seeded RNG: evaluating does not change the training run. ``trainer.limit_val_batches``
+limits it as it limits validation (configs/debug.yaml): an int n scores the first n batches of
+each set under each condition, a fraction that share of them, 0 turns it off.
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ class Evaluation(pl.Callback):
     def _maybe_evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == self._last_step or trainer.sanity_checking:
             return
+        if trainer.limit_val_batches == 0:
+            return  # held-out evaluation is off, as validation is
         if not isinstance(pl_module, CPPOModule):
             raise TypeError(f"Evaluation needs a CPPOModule, got {type(pl_module).__name__}.")
         self._last_step = trainer.global_step
@@ -159,7 +163,11 @@ class Evaluation(pl.Callback):
         for one in prepared:
             budget = self.max_new_tokens or one.eval_set.max_new_tokens or module.max_new_tokens
             sampling = Sampling(budget, self.temperature, top_p=self.top_p)
-            units = shard(plan_units([one], self.images, self.batch_size, self.seed), rank, world)
+            planned = plan_units([one], self.images, self.batch_size, self.seed)
+            batches = _limit(
+                trainer.limit_val_batches, 1 + max((u.batch for u in planned), default=-1)
+            )
+            units = shard([u for u in planned if u.batch < batches], rank, world)
             records: dict[Key, dict[str, Any]] = {}
             with module.generation_mode():
                 for unit in units:
@@ -186,3 +194,13 @@ class Evaluation(pl.Callback):
                 stat.load_tensor(torch.as_tensor(summed))
             results += results_of(one, self.images, stats)
         return results
+
+
+def _limit(limit: int | float | None, batches: int) -> int:
+    """How many of ``batches`` batches ``trainer.limit_val_batches`` lets through, as Lightning
+    counts them for validation: an int is a count, a float a share (at least one batch)."""
+    if limit is None:
+        return batches
+    if isinstance(limit, int):
+        return min(limit, batches)
+    return max(1, int(batches * limit)) if limit > 0 else 0
