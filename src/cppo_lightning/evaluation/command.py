@@ -52,11 +52,27 @@ _RESPONSE_SETTINGS = (
 _UNRECORDED = {"engine": {"class_path": DEFAULT_ENGINE, "init_args": {}}}
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """``--help`` names each option's default, unless its text already says it or there is none
+    to name (None, a flag that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or "default" in text
+            or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS))
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cppo evaluate",
         description=__doc__.split("\n\n")[0].strip() if __doc__ else None,
         epilog="Paper protocol: --samples 16 --temperature 1.0 --top-p 1.0 --max-new-tokens 2048.",
+        formatter_class=_DefaultsShown,
     )
     parser.add_argument(
         "model",
@@ -92,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["original"],
         metavar="COND",
-        help=f"image conditions: {', '.join(CONDITIONS)}",
+        help=f"image conditions: {', '.join(CONDITIONS)} (default: original)",
     )
     parser.add_argument("--output", required=True, metavar="DIR", help="results directory")
     parser.add_argument(
@@ -118,10 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="a fit config whose data.preserving_view / removing_view / view_seed make the "
         "preserving and removing images (default: the .ckpt's config.yaml, else the spec's views)",
     )
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="weight dtype (default: a .ckpt's training dtype, else float32)",
+    )
+    parser.add_argument(
+        "--accelerator", default="auto", help="Lightning accelerator: cpu, gpu, ..."
+    )
     parser.add_argument("--devices", default="1", help="devices per node (an int, a list, or auto)")
-    parser.add_argument("--num-nodes", type=int, default=1)
+    parser.add_argument("--num-nodes", type=int, default=1, help="machines")
     parser.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     parser.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-mixed")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")

@@ -8,7 +8,8 @@
   the engine) and grades a unit.
 - :class:`ResponseWriter` appends each unit's records to ``responses.jsonl`` as it is produced,
   and after a SIGTERM stops the loop once the unit in progress is written.
-- :class:`EvalProgressBar` counts prompts and shows the running accuracy and an ETA.
+- :class:`EvalProgressBar` counts prompts and shows the running accuracy under each image
+  condition and an ETA.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
@@ -173,8 +174,8 @@ class EvalModule(pl.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.processor: Any = None
         self.suppress: list[int] = []
-        self.correct = 0
-        self.scored = 0
+        #: Correct and scored responses of this rank so far, by (benchmark, image condition).
+        self.tally: dict[tuple[str, str], tuple[int, int]] = {}
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -196,39 +197,54 @@ class EvalModule(pl.LightningModule):
             self.samples,
             self.suppress,
         )
-        self.correct += sum(r["correct"] for r in records)
-        self.scored += len(records)
+        key = (batch.unit.benchmark, batch.unit.condition)
+        correct, scored = self.tally.get(key, (0, 0))
+        self.tally[key] = (correct + sum(r["correct"] for r in records), scored + len(records))
         return records
 
+    def running_accuracy(self) -> dict[str, str]:
+        """This rank's accuracy so far under each image condition (``blank``; ``set/blank`` when
+        several sets are scored), for the progress bar: the conditions' accuracies differ by
+        design, so one figure over all of them would mean nothing."""
+        several = len({benchmark for benchmark, _ in self.tally}) > 1
+        return {
+            (f"{benchmark}/{condition}" if several else condition): f"{correct / scored:.3f}"
+            for (benchmark, condition), (correct, scored) in self.tally.items()
+            if scored
+        }
 
-class ResponseWriter(BasePredictionWriter):
+
+class ResponseWriter(pl.Callback):
     """Appends every unit's records to ``responses.jsonl`` as soon as the unit is scored.
 
     Lightning's predict loop notes a SIGTERM and runs on to the last unit (its training and
     validation loops stop): here the loop stops with ``SIGTERMException`` once the unit in
-    progress is written, so the file holds whole units and the same command continues."""
+    progress is written, so the file holds whole units and the same command continues.
+
+    A plain callback rather than Lightning's ``BasePredictionWriter``: a unit carries its own
+    identity, and the writer's batch-index bookkeeping only warned on every run that it could
+    not infer indices from a loader of whole units."""
 
     def __init__(self, output: Path) -> None:
-        super().__init__(write_interval="batch")
         self.path = output / RESPONSES
 
-    def write_on_batch_end(
+    def on_predict_batch_end(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
-        prediction: Any,
-        batch_indices: Sequence[int] | None,
+        outputs: Any,
         batch: Any,
         batch_idx: int,
-        dataloader_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
-        append_records(self.path, prediction)
+        append_records(self.path, outputs)
         if trainer.received_sigterm:
             raise SIGTERMException
 
 
 class EvalProgressBar(TQDMProgressBar):
-    """The predict bar in prompts (x conditions), with the running accuracy of this rank."""
+    """The predict bar in prompts (x conditions), with this rank's running accuracy under each
+    image condition (``original=0.641, blank=0.242``)."""
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_predict_start(trainer, pl_module)
@@ -252,7 +268,5 @@ class EvalProgressBar(TQDMProgressBar):
         dataloader_idx: int = 0,
     ) -> None:
         self.predict_progress_bar.update(len(batch.unit.rows))
-        if isinstance(pl_module, EvalModule) and pl_module.scored:
-            self.predict_progress_bar.set_postfix(
-                accuracy=f"{pl_module.correct / pl_module.scored:.3f}", refresh=False
-            )
+        if isinstance(pl_module, EvalModule) and pl_module.tally:
+            self.predict_progress_bar.set_postfix(pl_module.running_accuracy(), refresh=False)
