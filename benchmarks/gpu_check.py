@@ -472,11 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     args.output = args.output or str(
         REPO / "runs" / f"gpu_check{'-tiny' if args.tiny else ''}.json"
     )
+    # Read before the run: OLD may be the file this run writes.
+    old = json.loads(Path(args.compare[0]).read_text()) if args.compare else None
     report = check_all(args)
     print(table(report))
     print(f"\nreport: {args.output}")
-    if args.compare:
-        print("\n" + compare(json.loads(Path(args.compare[0]).read_text()), report))
+    if old is not None:
+        print("\n" + compare(old, report))
     return 0
 
 

@@ -85,9 +85,11 @@ def test_the_correctness_checks_pass_within_their_stated_tolerances(tiny):  # ty
 
 
 def test_a_part_over_its_budget_is_a_row_and_the_next_part_still_runs(tiny, tmp_path):  # type: ignore[no-untyped-def]
-    report, stdout = _run(
-        tmp_path / "cut.json", "--parts", "lora-1024", "correctness", "--budget", "lora-1024=1"
-    )
+    # --compare against the file the run is about to overwrite: it is read first.
+    output = tmp_path / "cut.json"
+    output.write_text(json.dumps(tiny[0]))
+    flags = ("--parts", "lora-1024", "correctness", "--budget", "lora-1024=1")
+    report, stdout = _run(output, *flags, "--compare", str(output))
     parts = report["parts"]
     assert parts["lora-1024"]["status"] == "timeout"
     assert "budget of 1 s" in parts["lora-1024"]["message"]
@@ -95,8 +97,9 @@ def test_a_part_over_its_budget_is_a_row_and_the_next_part_still_runs(tiny, tmp_
     assert parts["correctness"]["status"] == "ok"
     assert {parts[p]["status"] for p in ("build", "lora-4096", "full", "fsdp")} == {"not-selected"}
     assert "timeout: stopped after its budget of 1 s" in stdout
-    # --compare: the statuses that changed, and no figure the cut run did not measure.
-    lines = compare(tiny[0], report).splitlines()
+    # The comparison: the statuses that changed, and no figure the cut run did not measure.
+    lines = stdout.splitlines()
     assert "| lora-1024 | status | ok | timeout | |" in lines
     assert "| full | status | ok | not-selected | |" in lines
     assert not any(line.startswith("| lora-1024 | generate_s") for line in lines)
+    assert compare(tiny[0], report).splitlines()[-3:] == lines[-3:]
