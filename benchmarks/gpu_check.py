@@ -469,6 +469,11 @@ def main(argv: list[str] | None = None) -> int:
         old, new = (json.loads(Path(p).read_text()) for p in args.compare)
         print(compare(old, new))
         return 0
+    if not args.tiny:
+        import torch  # is_available() creates no CUDA context: the parts get the whole device
+
+        if not torch.cuda.is_available():
+            parser.error("no CUDA device here: --tiny runs the same parts on the CPU")
     args.output = args.output or str(
         REPO / "runs" / f"gpu_check{'-tiny' if args.tiny else ''}.json"
     )

@@ -144,3 +144,15 @@ def test_logp_mismatch_is_checked_against_its_precision():
         "tolerance": 5e-2,
         "passed": True,
     }
+
+
+def test_without_cuda_the_full_check_refuses_to_start(capsys):  # type: ignore[no-untyped-def]
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the check would run")
+    from benchmarks.gpu_check import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--output", "/nonexistent/never-written.json"])
+    assert stop.value.code == 2
+    assert "no CUDA device here: --tiny" in capsys.readouterr().err
