@@ -214,7 +214,7 @@ def test_a_perturbation_overlay_or_flag_swaps_the_view():
 
 
 def test_the_paper_recipe_keeps_the_spec_preserving_view_that_base_narrows():
-    """base.yaml narrows I+'s colour jitter for its colour task; configs/paper keeps the spec's."""
+    """base.yaml narrows I+'s colour jitter for its colour task; configs/paper keeps the paper's."""
     import yaml
 
     from cppo_lightning.perturbations import information_preserving
@@ -235,7 +235,7 @@ def test_the_paper_recipe_keeps_the_spec_preserving_view_that_base_narrows():
 
 def test_the_paper_recipe_detects_with_the_spec_score_that_base_replaces():
     """base.yaml ranks by the raw entropy shift for its tiny model; stacked on it, configs/paper
-    gives back the spec's normalised score and rho 0.5 (init_args merge across stacked files)."""
+    gives back the paper's normalised score and rho 0.5 (init_args merge across stacked files)."""
     from cppo_lightning.callbacks import PerceptionTokens
 
     def selector(*args: str):  # type: ignore[no-untyped-def]

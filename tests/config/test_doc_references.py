@@ -19,11 +19,8 @@ def references() -> References:
 # Files whose problems their owners are fixing (the spec citations of issue 34, item 6): strict, so
 # the entry must go when the file is fixed.
 PENDING = {
-    "docs/index.md": "cites the team's spec/cppo.md",
     "docs/paper-recipe.md": "cites the spec",
-    "docs/results.md": "cites the spec",
     "docs/configuration-reference.md": "generated from PerceptionTokens' docstring, which cites it",
-    "configs/paper/virl39k.yaml": "comments cite the spec",
 }
 
 
