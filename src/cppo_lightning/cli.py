@@ -3,15 +3,25 @@
 ``cppo fit --config configs/base.yaml`` trains; ``--print_config`` shows every knob with its
 documentation. Values that must agree live in one place and are linked (see
 ``add_arguments_to_parser``).
+
+Code in the working directory is importable, as under ``python -m`` and pytest: with
+``mypkg/rewards.py`` there, ``--model.reward.init_args.functions='{accuracy:
+mypkg.rewards.my_accuracy}'`` works without ``PYTHONPATH`` (:func:`entry_point` puts the working
+directory first on ``sys.path``). A dotted path that does not import is refused with the reason on
+the first line, before the usage text.
 """
 
 from __future__ import annotations
 
+import importlib
 import linecache
+import logging
 import os
+import re
 import sys
+import warnings
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from lightning.pytorch import Trainer
@@ -23,6 +33,7 @@ from cppo_lightning.callbacks import (
     PerceptionTokens,
     RolloutCallback,
     RunProgressBar,
+    RunSummary,
     SaveOnStop,
 )
 from cppo_lightning.checkpoints import install_atomic_checkpoints, remove_stale_temporaries
@@ -55,6 +66,58 @@ _OWN_MODULES = {
     "export": "export",
     "study": "study.command",
 }
+
+
+class CPPOArgumentParser(LightningArgumentParser):
+    """The parser of ``cppo fit`` / ``cppo validate``: an error caused by a dotted path that does
+    not import (a reward function, a ``class_path``) starts with that reason in one line
+    (:func:`import_failures`); jsonargparse's usage text and full message follow."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if self.exit_on_error:
+            for line in import_failures(message):
+                sys.stderr.write(f"cppo: {line}\n")
+        super().error(message, ex)
+
+
+# Where jsonargparse names a value it tried to import: a callable's "Got value: a.b.c" and a
+# class's "Problem with given class_path 'a.b.C'".
+_IMPORTED = re.compile(r"Got value: ([\w.]+\.\w+)|given class_path '([\w.]+\.\w+)'")
+
+
+def import_failures(message: str) -> list[str]:
+    """One line per dotted path named in a parser error ``message`` that does not import, with
+    the reason (the import is retried here: jsonargparse words it differently for each type)."""
+    lines: list[str] = []
+    for match in _IMPORTED.finditer(message):
+        path = match.group(1) or match.group(2)
+        reason = _import_error(path)
+        line = f"cannot import {path!r}: {reason}"
+        if reason is not None and line not in lines:
+            lines.append(line)
+    return lines
+
+
+def _import_error(path: str) -> str | None:
+    """Why ``path`` (``package.module.name``) does not import; None when it does."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        missing = getattr(error, "name", None) or ""
+        if missing == path.split(".")[0]:  # not even its package is found
+            return (
+                f"{error} (code in the working directory is importable; else add its folder to "
+                "PYTHONPATH)"
+            )
+        if missing and f"{module_name}.".startswith(f"{missing}."):  # a module of the path
+            return str(error)
+        return f"{error} (raised while importing {module_name})"  # one the module imports
+    except Exception as error:  # the module itself fails: its own error is the reason
+        return f"importing {module_name} raised {type(error).__name__}: {error}"
+    if not hasattr(module, name):
+        return f"{module_name} has no {name!r}"
+    return None
 
 
 class CPPOCLI(LightningCLI):
@@ -168,6 +231,12 @@ class CPPOCLI(LightningCLI):
             except ConfigError as error:
                 self.parser.error(str(error))
 
+    def before_fit(self) -> None:
+        # Where the run's files go, before the data and the model load (RunSummary).
+        for callback in getattr(self.trainer, "callbacks", []):  # set by Lightning, not declared
+            if isinstance(callback, RunSummary):
+                callback.announce(self.trainer)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # A section set to null (e.g. `cpl_weight: null` under GRPO) adds no callback.
         extra = [
@@ -181,6 +250,12 @@ class CPPOCLI(LightningCLI):
         ]  # save before stopping early
         if _wants_default_progress_bar(trainer_config):
             always.append(RunProgressBar())
+        if self.subcommand == "fit" and not any(
+            isinstance(cb, RunSummary) for cb in _callbacks(trainer_config)
+        ):
+            # Last, so its end-of-run lines follow the export's; every `cppo fit` says where its
+            # results went (a config may list its own RunSummary instead).
+            always.append(RunSummary())
         trainer = self._instantiate_trainer(trainer_config, always)
         install_atomic_checkpoints(trainer)  # checkpoint files are whole or absent
         if self.subcommand is None:
@@ -263,9 +338,11 @@ def main(args: list[str] | None = None, run: bool = True) -> CPPOCLI:
     With ``run=False`` the arguments carry no subcommand and nothing is trained: the CLI only
     parses and instantiates trainer, model and data (used to check configs).
     """
+    quiet_upstream_notices()
     return CPPOCLI(
         CPPOModule,
         VisionLanguageDataModule,
+        parser_class=CPPOArgumentParser,
         args=args,
         run=run,
         trainer_defaults={
@@ -298,7 +375,12 @@ def entry_point() -> None:
     ``model.kl_coef``, a train split smaller than one batch) is printed alone, without the
     traceback, and the exit status is 2, as for the parser's own errors. Set
     ``CPPO_TRACEBACK=1`` to see the traceback.
+
+    The working directory goes first on ``sys.path`` (:func:`import_working_directory`), so
+    rewards, components and callbacks in the user's own package import by dotted path.
     """
+    import_working_directory()
+    quiet_upstream_notices()
     if sys.argv[1:2] == ["export"]:
         from cppo_lightning.export import main as export_main
 
@@ -327,6 +409,47 @@ def entry_point() -> None:
             raise
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def import_working_directory() -> None:
+    """Put the working directory first on ``sys.path``, as ``python -m`` does (a console script
+    gets its own folder, the venv's ``bin/``, instead): ``mypkg.rewards.f`` imports from
+    ``./mypkg/rewards.py`` as it would under ``python -m`` or pytest. Nothing is added when it is
+    already there (``''`` stands for it)."""
+    cwd = os.getcwd()
+    here = os.path.realpath(cwd)
+    if not any(os.path.realpath(entry or cwd) == here for entry in sys.path):
+        sys.path.insert(0, cwd)
+
+
+class _DropLitLoggerTip(logging.Filter):
+    """Lightning's Trainer logs a tip to install litlogger on every run without a LitLogger
+    (``logger_connector.configure_logger``, lightning 2.6), with no setting to turn it off: an
+    advertisement, not something a user of this command can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "try installing [litlogger]" not in record.getMessage()
+
+
+def quiet_upstream_notices() -> None:
+    """Drop the two messages Lightning prints on every run that a user cannot act on, each by its
+    exact text (everything else still shows):
+
+    - the litlogger tip (:class:`_DropLitLoggerTip`);
+    - torch 2.13's FutureWarning on ``LeafSpec()``, which Lightning's own
+      ``utilities/_pytree.py`` calls for every dataloader (Lightning-AI/pytorch-lightning#21326;
+      lightning 2.6.6 still does). Our code makes no such call.
+    """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        rank_zero = logging.getLogger(name)  # rank_zero_info's logger (fabric's or pytorch's)
+        if not any(isinstance(f, _DropLitLoggerTip) for f in rank_zero.filters):
+            rank_zero.addFilter(_DropLitLoggerTip())
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
 
 
 def is_configuration_error(error: BaseException) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torchmetrics import MeanMetric
 
 from cppo_lightning.checkpoints import gather_rng_states, restore_rng_states
@@ -76,6 +78,19 @@ def _root_parameters(module: Any) -> Iterator[None]:
 
 # Wrapper names FSDP and activation checkpointing insert into parameter names.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _expect_eval_mode(reference: torch.nn.Module) -> None:
+    """Lightning warns at fit start of the modules it finds in eval mode ("Found N module(s) in
+    eval mode at the start of training"): the frozen reference is, by design (:meth:`CPPOModule.
+    train` keeps it so). Only that exact count is silenced: a policy module left in eval mode
+    changes the count, and the warning shows."""
+    count = sum(1 for _ in reference.modules())
+    warnings.filterwarnings(
+        "ignore",
+        message=rf"Found {count} module\(s\) in eval mode at the start of training",
+        category=PossibleUserWarning,
+    )
 
 
 class CPPOModule(LightningModule):
@@ -303,6 +318,7 @@ class CPPOModule(LightningModule):
             self.policy = policy
             if self.kl_coef > 0:  # without the KL term no reference is needed: save the copy
                 self.reference = copy.deepcopy(policy).requires_grad_(False).eval()
+                _expect_eval_mode(self.reference)
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode.
         self.policy.train()
         self.suppress_token_ids = suppressed_token_ids(self.processor)

@@ -7,15 +7,18 @@ from cppo_lightning.callbacks.perception import CPLWeight, PerceptionTokens
 from cppo_lightning.callbacks.rollout import RolloutCallback
 from cppo_lightning.callbacks.steps import RunProgressBar, StepCheckpoint
 from cppo_lightning.callbacks.stops import SaveOnStop
+from cppo_lightning.callbacks.summary import HeldOutEcho, RunSummary
 
 __all__ = [
     "CPLWeight",
     "Evaluation",
     "ExportPolicy",
+    "HeldOutEcho",
     "PerceptionMonitor",
     "PerceptionTokens",
     "RolloutCallback",
     "RunProgressBar",
+    "RunSummary",
     "SaveOnStop",
     "StepCheckpoint",
 ]

@@ -30,6 +30,8 @@ class ExportPolicy(pl.Callback):
 
     def __init__(self, dirname: str = "hf_policy") -> None:
         self.dirname = dirname
+        #: The folder written when fit ended (on global rank 0; None before, or if not written).
+        self.path: str | None = None
         self._failure: tuple[str, BaseException | None] | None = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -53,6 +55,7 @@ class ExportPolicy(pl.Callback):
         if trainer.is_global_zero:
             try:
                 write_folder(target, lambda staging: pl_module.save_pretrained(str(staging)))
+                self.path = target
             except Exception as error:  # every rank must hear of it, so it is raised below
                 last = getattr(trainer.checkpoint_callback, "last_model_path", "") or os.path.join(
                     log_dir, "checkpoints", "last.ckpt"
