@@ -19,7 +19,6 @@ def references() -> References:
 # Files whose problems their owners are fixing (the spec citations of issue 34, item 6): strict, so
 # the entry must go when the file is fixed.
 PENDING = {
-    "docs/paper-recipe.md": "cites the spec",
     "docs/configuration-reference.md": "generated from PerceptionTokens' docstring, which cites it",
 }
 
