@@ -18,7 +18,7 @@ def _cppo_module(module: pl.LightningModule, name: str) -> CPPOModule:
 
 
 class PerceptionTokens(pl.Callback):
-    """Selects the perception tokens the contrastive loss acts on (spec §2).
+    """Selects the perception tokens the contrastive loss acts on (docs/method.md §2).
 
     With ``policy="update"`` (the default, as the recipe) detection happens inside every
     micro-batch of the update, with the policy being trained, from the original-image and
@@ -29,7 +29,7 @@ class PerceptionTokens(pl.Callback):
     Args:
         top_fraction: rho: per response, keep the top ``floor(rho * n)`` (at least 1) of its n
             tokens whose entropy rises under the information-removing image; ties kept.
-        score: ``normalized`` ranks by ``relu(dH) / (H- + 1e-6)`` (spec); ``raw`` by ``dH``.
+        score: ``normalized`` ranks by ``relu(dH) / (H- + 1e-6)`` (the paper's); ``raw`` by ``dH``.
         top_k: Keep an absolute number of tokens per response instead of a fraction.
         gate_advantages: Only responses with a positive advantage carry perception tokens.
         policy: ``update`` (update-time policy) or ``rollout`` (rollout-time policy).

@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         default=None,
         help="a fit config whose data.preserving_view / removing_view / view_seed make the "
-        "preserving and removing images (default: the .ckpt's config.yaml, else the spec's views)",
+        "preserving and removing images (default: the .ckpt's config.yaml, else the paper's "
+        "views, docs/method.md §4)",
     )
     parser.add_argument(
         "--dtype",
@@ -300,7 +301,7 @@ def _read_fit_config(path: Path) -> dict[str, Any]:
 
 def view_conditions(config: dict[str, Any] | None, source: str) -> ImageConditions:
     """The preserving/removing views and their seed, from a fit config's ``data`` section (the
-    spec's perturbation families when there is no config)."""
+    paper's perturbation families (docs/method.md §4) when there is no config)."""
     from cppo_lightning.perturbations import information_preserving, information_removing
 
     if config is None:
@@ -412,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         if config_path is None and set(args.images) & {"preserving", "removing"}:
             warnings.warn(
                 f"no config.yaml beside {args.model}: the preserving/removing images use the "
-                "spec's perturbations with view_seed 0, which may not be the run's; pass "
+                "paper's perturbations with view_seed 0, which may not be the run's; pass "
                 "--config with the run's config to use its views.",
                 stacklevel=1,
             )
