@@ -68,7 +68,7 @@ def test_each_benchmark_config_reads_its_layout(name, tmp_path, processor):
 
 def test_every_shipped_eval_config_parses():
     names = sorted(p.stem for p in EVAL.glob("*.yaml"))
-    assert names == sorted([*LAYOUTS, "synthetic"])
+    assert names == sorted([*LAYOUTS, "synthetic", "shortcut", "shortcut-counter"])
     for name in names:
         eval_set = load_eval_set(str(EVAL / f"{name}.yaml"))
         assert eval_set.name == name
@@ -174,3 +174,24 @@ def test_the_synthetic_eval_set_is_the_default_runs_validation_split():
     assert vars(eval_set.dataset) | source["init_args"] == vars(eval_set.dataset)
     assert eval_set.split == "validation"
     assert eval_set.max_new_tokens == base["rollout"]["max_new_tokens"]
+
+
+def test_a_relative_eval_set_resolves_under_the_checkout_from_another_folder(tmp_path, monkeypatch):
+    """base.yaml names configs/eval/synthetic.yaml; cppo fit run from another folder still finds
+    it in the checkout (the working directory is looked at first: a file there wins)."""
+    from cppo_lightning.evaluation.sets import CHECKOUT, load_eval_set
+
+    monkeypatch.chdir(tmp_path)
+    shipped = load_eval_set("configs/eval/synthetic.yaml")
+    assert shipped.name == "synthetic"
+    assert shipped.source == str(CHECKOUT / "configs/eval/synthetic.yaml")
+    own = tmp_path / "configs" / "eval" / "synthetic.yaml"
+    own.parent.mkdir(parents=True)
+    own.write_text(
+        (CHECKOUT / "configs/eval/synthetic.yaml")
+        .read_text()
+        .replace("name: synthetic", "name: mine")
+    )
+    assert load_eval_set("configs/eval/synthetic.yaml").name == "mine"
+    with pytest.raises(ValueError, match="no such file under the working directory"):
+        load_eval_set("configs/eval/none.yaml")

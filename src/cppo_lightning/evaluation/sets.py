@@ -46,6 +46,9 @@ OPTIONS_HEADER = "Choices:"
 # "A. foo; B. bar", "(A) foo (B) bar", "A: foo\nB: bar": a letter that starts an option.
 _OPTION_START = re.compile(r"(?:^|(?<=[\s;,]))\(?([A-Z])\s*[.):：]\s*")
 
+CHECKOUT = Path(__file__).resolve().parents[3]
+"""The checkout this package is installed from (``configs/`` lies there in an editable install)."""
+
 
 def parse_options(value: Any) -> list[str]:
     """Multiple-choice options from a dataset cell: a list, a Python/JSON list written as a
@@ -418,8 +421,17 @@ def load_eval_set(value: str) -> EvalSet:
     """
     path = Path(value).expanduser()
     if path.suffix in (".yaml", ".yml") or path.is_file():
+        # A relative path is looked up under the working directory, then under the checkout this
+        # package is installed from (as cppo study looks up overlays): base.yaml's
+        # configs/eval/synthetic.yaml then resolves when cppo runs from another folder.
+        shipped = CHECKOUT / path
+        if not path.is_file() and not path.is_absolute() and shipped.is_file():
+            path = shipped
         if not path.is_file():
-            raise ValueError(f"--eval {value!r}: no such file (give a configs/eval/*.yaml file).")
+            raise ValueError(
+                f"--eval {value!r}: no such file under the working directory ({Path.cwd()}) or "
+                f"the checkout ({CHECKOUT}); give the path of a configs/eval/*.yaml file."
+            )
         config = yaml.safe_load(path.read_text())
         source = str(path)
         if not isinstance(config, dict):
