@@ -142,3 +142,19 @@ def test_eval_sets_measure_the_training_prior() -> None:
         "configs/eval/shortcut.yaml",
         "configs/eval/shortcut-counter.yaml",
     ]
+
+
+def test_the_overlay_keeps_base_callbacks_but_the_evaluation_sets():
+    """A list in a later config replaces the earlier one: the overlay restates base.yaml's
+    callbacks, which must stay the same but for the Evaluation's sets and images."""
+    base = yaml.safe_load((REPO / "configs/base.yaml").read_text())["trainer"]["callbacks"]
+    overlay = yaml.safe_load((REPO / "configs/testbeds/shortcut.yaml").read_text())
+    mine = overlay["trainer"]["callbacks"]
+    assert [c["class_path"] for c in mine] == [c["class_path"] for c in base]
+    for theirs, ours in zip(base, mine, strict=True):
+        if ours["class_path"].endswith("Evaluation"):
+            changed = {"sets", "images"}
+            keep = {k: v for k, v in ours["init_args"].items() if k not in changed}
+            assert keep == {k: v for k, v in theirs["init_args"].items() if k not in changed}
+        else:
+            assert ours == theirs
