@@ -256,6 +256,14 @@ def test_report_files_and_plots_or_the_line_that_says_they_were_skipped(
     else:
         assert pngs == [] and "plots skipped: matplotlib is not installed" in out
     assert not list(tmp_path.glob(".*tmp"))  # no temporary left behind
+    if plots:  # with the Evaluation callback's greedy curves, greedy.png too
+        records[0]["curves"]["eval/shortcut-counter/original/accuracy"] = [[0, 0.5], [2, 0.4]]
+        write_report(tmp_path, settings, records)
+        assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+            "accuracy.png",
+            "gap.png",
+            "greedy.png",
+        ]
 
 
 def test_a_cut_run_resumes_from_its_newest_stop_or_last_checkpoint(tmp_path):

@@ -251,10 +251,13 @@ def build_record(
     conditions = ev["conditions"]
     tags = greedy_tags(scalars)
     curves = {"val/accuracy": scalars.get("val/accuracy", [])}
-    for condition, prefix in tags.items():
-        curves[f"{prefix}accuracy"] = scalars[f"{prefix}accuracy"]
-        if condition != "original" and f"{prefix}gap" in scalars:
-            curves[f"{prefix}gap"] = scalars[f"{prefix}gap"]
+    for tag in sorted(scalars):  # the greedy curves of every set and condition
+        match = GREEDY_TAG.fullmatch(tag)
+        if match:
+            curves[tag] = scalars[tag]
+            gap = tag[: -len("accuracy")] + "gap"
+            if match["images"] != "original" and gap in scalars:
+                curves[gap] = scalars[gap]
     greedy = {
         c: {
             "accuracy_first": first(scalars.get(f"{p}accuracy")),
