@@ -9,8 +9,9 @@ policy it exported: avg@k (``--samples``, 4) at ``--temperature`` (1.0) under th
 and shuffled images on ``--eval-set`` (``evaluate.log``). ``OUTPUT/study.json`` and ``study.md``
 compare them (per run, and per method as the mean over seeds with a 95% t-interval) and
 ``accuracy.png``/``gap.png`` plot them. Rerunning the command skips finished runs and redoes cut
-ones (resuming from their last checkpoint); a rerun with other settings is refused. See
-docs/study.md.
+ones (resuming from their last checkpoint); a rerun with other settings is refused. SIGTERM (and
+a SIGINT sent to the study alone) is passed on to the runs under way, which save and stop; no run
+starts after it. See docs/study.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import fcntl
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from cppo_lightning.errors import ConfigError
@@ -43,6 +46,8 @@ from cppo_lightning.study.settings import (
 
 #: ``cppo fit`` flags the study sets for each run: refused among the pass-through flags.
 OWN_FIT_FLAGS = ("--seed_everything", "--trainer.default_root_dir", "--ckpt_path", "--config")
+#: The exit status of a study stopped by each signal: 128 + its number, as a shell reports it.
+STOP_EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130}
 _PRINT = threading.Lock()
 
 
@@ -170,15 +175,93 @@ def evaluate_command(log_dir: Path, args: argparse.Namespace) -> list[str]:
     ]
 
 
-def run_logged(command: list[str], log: Path, env: dict[str, str] | None) -> int:
-    """Run ``command`` with its stdout and stderr appended to ``log`` (after a line with the
-    command); its exit status."""
-    with open(log, "a", encoding="utf-8") as handle:
-        handle.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(command)}\n")
-        handle.flush()
-        return subprocess.run(
-            command, stdout=handle, stderr=subprocess.STDOUT, env=env, check=False
-        ).returncode
+class Children:
+    """The ``cppo fit`` and ``cppo evaluate`` processes of the study's runs, and its stop.
+
+    The runs' threads start their commands through :meth:`run`; a signal handler (main thread)
+    calls :meth:`stop`, after which no command starts and the running ones get the signal. The
+    lock makes the two exclusive, so a command starting as the stop arrives is either not started
+    or signalled. It is re-entrant: a second signal may arrive while the handler holds it.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self.signal: signal.Signals | None = None  # the first stop's signal
+        self._lock = threading.RLock()
+        self._running: set[subprocess.Popen[bytes]] = set()
+
+    def run(self, command: list[str], log: Path, env: dict[str, str] | None) -> int | None:
+        """Run ``command`` with its stdout and stderr appended to ``log`` (after a line with the
+        command); its exit status (negative: the signal that ended it), or None when the study
+        is stopping and it was not started."""
+        with open(log, "a", encoding="utf-8") as handle:
+            with self._lock:
+                if self.stopping.is_set():
+                    return None
+                handle.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(command)}\n")
+                handle.flush()
+                child = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+                self._running.add(child)
+            try:
+                return child.wait()
+            finally:
+                with self._lock:
+                    self._running.discard(child)
+
+    def stop(self, signum: int, forward: bool) -> None:
+        """Start no command from now on and, when ``forward``, send ``signum`` to the running
+        ones (``cppo fit`` saves a checkpoint and exits, ``cppo evaluate`` stops after its unit
+        in progress)."""
+        with self._lock:
+            if self.signal is None:
+                self.signal = signal.Signals(signum)
+            self.stopping.set()
+            if forward:
+                for child in self._running:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.send_signal(signum)
+
+
+def ctrl_c_reached_the_runs() -> bool:
+    """Whether a SIGINT of the study is taken for a terminal's Ctrl-C, which the terminal sends to
+    the runs as well (they are in the study's process group): the study is in the foreground
+    process group of its controlling terminal. A second SIGINT from the study would make a
+    ``cppo fit`` abort without saving."""
+    try:
+        tty = os.open("/dev/tty", os.O_RDONLY)
+    except OSError:  # no controlling terminal
+        return False
+    try:
+        return os.tcgetpgrp(tty) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(tty)
+
+
+@contextlib.contextmanager
+def stop_on_signals(children: Children) -> Any:
+    """For the study's duration, SIGTERM and SIGINT stop ``children`` (:meth:`Children.stop`):
+    SIGTERM is forwarded to the runs; SIGINT too unless it is a terminal's Ctrl-C
+    (:func:`ctrl_c_reached_the_runs`). The previous handlers are restored after. Nothing is
+    installed outside the main thread (Python allows handlers only there), and a signal ignored
+    when the study started (SIGINT in a script's background job) stays ignored, for the runs
+    too."""
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        children.stop(signum, forward=signum != signal.SIGINT or not ctrl_c_reached_the_runs())
+
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for caught in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(caught) is not signal.SIG_IGN:
+                previous[caught] = signal.signal(caught, on_signal)
+    try:
+        yield
+    finally:
+        for caught, handler in previous.items():
+            # None: the previous handler was not set from Python; the default stands in for it.
+            signal.signal(caught, signal.SIG_DFL if handler is None else handler)
 
 
 def last_line(log: Path) -> str:
@@ -206,7 +289,32 @@ def failed(job: Job, what: str, status: int | str, log: Path) -> dict[str, Any]:
     }
 
 
-def export_resumed(job: Job, log: Path, env: dict[str, str] | None) -> Path | None:
+def stopped(
+    job: Job, what: str | None, status: int | None, log: Path | None, signum: signal.Signals
+) -> dict[str, Any]:
+    """The record of a run the study's stop cut: ``what`` (``cppo fit``, ...) ended with
+    ``status``, or was not run (None); ``what`` None: the run did not start (no ``log``). Not
+    finished and not failed: a rerun of the study continues it."""
+    if what is None:
+        error = f"not started: the study was stopped by {signum.name}"
+    elif status is None:
+        error = f"{what} not run: the study was stopped by {signum.name}"
+    else:
+        error = f"{what} stopped by {signum.name} (exit status {status})"
+        say(f"{job.name}: {error}; its log: {log}")
+    record = {
+        "method": job.method.label,
+        "seed": job.seed,
+        "status": "stopped",
+        "error": f"{error}; run the study again to continue",
+        "run_dir": str(job.run_dir),
+    }
+    return record if log is None else {**record, "log": str(log)}
+
+
+def export_resumed(
+    job: Job, log: Path, env: dict[str, str] | None, children: Children
+) -> Path | None:
     """The policy of a resumed run whose checkpoint was already at the end (Lightning then
     trains nothing and ExportPolicy, a train-end hook, does not run): ``cppo export`` of that
     checkpoint into the newest attempt's folder; that folder, or None when it fails."""
@@ -215,19 +323,27 @@ def export_resumed(job: Job, log: Path, env: dict[str, str] | None) -> Path | No
     if not tried or ckpt is None:
         return None
     command = [*cppo(), "export", str(ckpt), str(tried[-1] / run_files.POLICY)]
-    if run_logged(command, log, env) != 0:
+    if children.run(command, log, env) != 0:
         return None
     return run_files.fitted_version(job.run_dir)
 
 
 def run_job(
-    job: Job, args: argparse.Namespace, configs: list[Path], pass_through: list[str]
+    job: Job,
+    args: argparse.Namespace,
+    configs: list[Path],
+    pass_through: list[str],
+    children: Children,
 ) -> dict[str, Any]:
-    """Train and evaluate one run, or skip it when finished: its record."""
+    """Train and evaluate one run, or skip it when finished: its record. Once the study is
+    stopping, nothing more of the run is started, and a command that ends non-zero was cut by
+    the stop: the run is ``stopped`` (:func:`stopped`), not failed."""
     record = run_files.read_record(job.run_dir)
     if record is not None:
         say(f"{job.name}: finished before, skipped ({job.run_dir / run_files.RECORD})")
         return record
+    if children.signal is not None:
+        return stopped(job, None, None, None, children.signal)
     job.run_dir.mkdir(parents=True, exist_ok=True)
     env = thread_env(args.jobs)
     start = time.perf_counter()
@@ -236,19 +352,27 @@ def run_job(
         ckpt = run_files.resume_checkpoint(job.run_dir)
         log = job.run_dir / run_files.FIT_LOG
         say(f"{job.name}: training" + (f", resumed from {ckpt}" if ckpt else "") + f" ({log})")
-        status = run_logged(fit_command(job, configs, pass_through, ckpt), log, env)
+        status = children.run(fit_command(job, configs, pass_through, ckpt), log, env)
+        if children.signal is not None and status != 0:
+            return stopped(job, "cppo fit", status, log, children.signal)
         if status != 0:
             return failed(job, "cppo fit", f"exit status {status}", log)
         log_dir = run_files.fitted_version(job.run_dir)
         if log_dir is None and ckpt is not None:
-            log_dir = export_resumed(job, log, env)
+            log_dir = export_resumed(job, log, env, children)
+        if children.signal is not None and log_dir is None:
+            return stopped(job, "cppo export", None, log, children.signal)
         if log_dir is None:
             return failed(
                 job, "cppo fit", "no exported policy: is ExportPolicy among its callbacks?", log
             )
     log = job.run_dir / run_files.EVAL_LOG
+    if children.signal is not None:
+        return stopped(job, "cppo evaluate", None, log, children.signal)
     say(f"{job.name}: evaluating {log_dir / run_files.POLICY} ({log})")
-    status = run_logged(evaluate_command(log_dir, args), log, env)
+    status = children.run(evaluate_command(log_dir, args), log, env)
+    if children.signal is not None and status != 0:
+        return stopped(job, "cppo evaluate", status, log, children.signal)
     if status != 0:
         return failed(job, "cppo evaluate", f"exit status {status}", log)
     try:
@@ -362,7 +486,8 @@ def study_lock(output: Path) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``cppo study``; the exit status (1 when a run failed).
+    """Run ``cppo study``; the exit status (1 when a run failed; 143 or 130 when SIGTERM or
+    SIGINT stopped it: :func:`stop_on_signals`).
 
     Raises:
         ConfigError: A setting refused before any run starts: an unknown method, a missing
@@ -385,8 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.report_only:
         check_settings(output, current)  # refused before the lock: nothing is written
-    with study_lock(output):
-        return _study(args, output, current, methods, configs, pass_through)
+    children = Children()
+    with study_lock(output), stop_on_signals(children):
+        return _study(args, output, current, methods, configs, pass_through, children)
 
 
 def _study(
@@ -396,8 +522,10 @@ def _study(
     methods: list[Method],
     configs: list[Path],
     pass_through: list[str],
+    children: Children,
 ) -> int:
-    """The study under its lock: train and evaluate the runs not finished yet, then report."""
+    """The study under its lock: train and evaluate the runs not finished yet, then report
+    (when stopped, the runs finished so far)."""
     fresh: list[dict[str, Any]] = []
     if args.report_only:  # the study on disk, whatever this command's settings
         try:
@@ -417,20 +545,19 @@ def _study(
             for m in methods
         ]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(run_job, job, args, configs, pass_through) for job in jobs]
-            try:
-                fresh = [future.result() for future in futures]
-            except KeyboardInterrupt:
-                for future in futures:
-                    future.cancel()
-                say(
-                    "cppo study: interrupted; the runs under way stop at a safe point. Run the "
-                    "same command again to continue (finished runs are kept)."
-                )
-                return 130
+            futures = [
+                pool.submit(run_job, job, args, configs, pass_through, children) for job in jobs
+            ]
+            fresh = [future.result() for future in futures]
     records = collect(output, list(settings["overlays"]), fresh)
     write_report(output, settings, records)
-    bad = [r for r in fresh if r.get("status") != "finished"]
+    bad = [r for r in fresh if r.get("status") == "failed"]
     for record in bad:
         say(f"not finished: {record['method']} seed {record['seed']}: see {record['log']}")
+    if children.signal is not None:
+        say(
+            f"cppo study: stopped by {children.signal.name}; the runs under way saved their "
+            "state. Run the same command again to continue (finished runs are kept)."
+        )
+        return STOP_EXIT[children.signal]
     return 1 if bad else 0
