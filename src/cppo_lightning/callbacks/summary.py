@@ -30,15 +30,25 @@ class HeldOutEcho(Logger):
     """A logger that prints the held-out metrics it is sent (``val/*``, ``eval/*``) as one line
     per measurement, and ignores the rest. Validation and the ``Evaluation`` callback send their
     figures to every logger of the run (validation also the one before the first update, which
-    Lightning keeps out of its callback metrics), so this sees each of them once."""
+    Lightning keeps out of its callback metrics), so this sees each of them once.
+
+    Args:
+        beside: The run's first logger, whose name and version this one reports: the progress
+            bar's ``v_num`` joins the versions of all loggers and shows its last 4 characters,
+            which a version of its own (None) would turn into ``v_num=None``.
+    """
+
+    def __init__(self, beside: Logger | None = None) -> None:
+        super().__init__()
+        self.beside = beside
 
     @property
     def name(self) -> str | None:
-        return None
+        return None if self.beside is None else self.beside.name
 
     @property
     def version(self) -> int | str | None:
-        return None
+        return None if self.beside is None else self.beside.version
 
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
@@ -113,7 +123,7 @@ class RunSummary(pl.Callback):
             return
         if trainer.loggers and not any(isinstance(lg, HeldOutEcho) for lg in trainer.loggers):
             # Appended: the first logger decides trainer.log_dir and the checkpoint folder.
-            trainer.loggers = [*trainer.loggers, HeldOutEcho()]
+            trainer.loggers = [*trainer.loggers, HeldOutEcho(beside=trainer.loggers[0])]
         self.announce(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
