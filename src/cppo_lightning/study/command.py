@@ -413,9 +413,10 @@ def _study(
                 f"--report-only: no readable {SETTINGS_FILE} in {output}: run the study first."
             ) from None
     else:
+        # Checked again under the lock: a study that ended since the first check may have added
+        # its methods to the settings on disk, which the merged settings written here must keep.
         settings = check_settings(output, current)
-        output.mkdir(parents=True, exist_ok=True)
-        path = output / SETTINGS_FILE
+        path = output / SETTINGS_FILE  # the folder exists: study_lock made it
         run_files.write_atomic(path, json.dumps(settings, indent=2) + "\n")
         jobs = [
             Job(m, seed, output / "runs" / f"{m.label}-seed{seed}")
