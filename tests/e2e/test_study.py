@@ -188,6 +188,51 @@ def test_study_trains_evaluates_compares_and_resumes(tmp_path):
     assert done.stdout.count("finished before, skipped") == 2
     assert {m: _versions(d) for m, d in runs.items()} == before
 
+    # --archive copies the results only; a copy of the archive continues the study: its runs are
+    # finished (archived), their records taken as written, and nothing is trained.
+    archive = tmp_path / "archive"
+    done = _study(tmp_path, "--archive", str(archive))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "archived 2 finished runs" in done.stdout
+    assert sorted(str(p.relative_to(archive)) for p in archive.rglob("*") if p.is_file()) == [
+        "accuracy.png",
+        "gap.png",
+        "greedy.png",
+        "runs/cppo-seed0/run.json",
+        "runs/grpo-seed0/run.json",
+        "study-settings.json",
+        "study.json",
+        "study.md",
+    ]
+    archived = json.loads((archive / "study.json").read_text())
+    assert [r["figures"] for r in archived["runs"]] == [r["figures"] for r in study["runs"]]
+    continued = tmp_path / "continued"
+    shutil.copytree(archive, continued)
+    record_file = continued / "runs" / "grpo-seed0" / "run.json"
+    record = json.loads(record_file.read_text())
+    record["figures"]["accuracy_original"] = 0.125  # taken as written: not rebuilt from logs
+    record_file.write_text(json.dumps(record))
+    done = _study(tmp_path, "--output", str(continued))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("finished before, skipped") == 2 and "training" not in done.stdout
+    assert not any(continued.rglob("lightning_logs"))
+    again = json.loads((continued / "study.json").read_text())
+    assert [r["figures"]["accuracy_original"] for r in again["runs"]] == [
+        0.125,
+        study["runs"][1]["figures"]["accuracy_original"],
+    ]
+    # An archive of a study with other settings is refused before anything runs.
+    done = _study(
+        tmp_path,
+        "--trainer.max_steps=4",
+        "--output",
+        str(tmp_path / "s2"),
+        "--archive",
+        str(archive),
+    )
+    assert done.returncode == 2 and "added --trainer.max_steps=4" in done.stderr
+    assert not (tmp_path / "s2").exists()
+
     # A cut run (no record, no export: killed while exporting) is redone from its last
     # checkpoint in a new version folder; the finished one is skipped; nothing is deleted.
     (runs["cppo"] / "run.json").unlink()

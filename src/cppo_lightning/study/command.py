@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-batch-size", type=int, default=16, help="prompts per generate call in evaluation"
     )
     parser.add_argument(
+        "--archive",
+        metavar="DIR",
+        help="after the report, copy the study's results to DIR: its settings, each finished "
+        "run's run.json, the report and plots (no checkpoint, policy or log); a later cppo study "
+        "--output on a copy of DIR continues the study, its runs archived (finished)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="train and evaluate nothing: write the report of the study's finished runs (its "
@@ -284,7 +291,12 @@ def run_job(
         return failed(job, "cppo evaluate", f"exit status {status}", log)
     try:
         record = run_files.build_record(
-            job.method.label, job.seed, job.run_dir, log_dir, time.perf_counter() - start
+            job.method.label,
+            job.seed,
+            job.run_dir,
+            log_dir,
+            time.perf_counter() - start,
+            run_files.code_version(),
         )
     except (OSError, KeyError, ValueError) as error:
         return failed(job, "reading the run's results", repr(error), log)
@@ -363,6 +375,24 @@ def write_report(output: Path, settings: dict[str, Any], records: list[dict[str,
         say(f"wrote {path}")
 
 
+def archive_study(output: Path, archive: Path) -> None:
+    """Copy the study's results to ``archive``: the settings (merged with the archive's own), the
+    record of each finished run (rebuilt from its logs: :func:`collect`), then the archive's
+    report of every run it holds, archived ones from earlier copies included. Every file is
+    written atomically; nothing in ``archive`` is deleted."""
+    settings = check_settings(archive, json.loads((output / SETTINGS_FILE).read_text()))
+    order = list(settings["overlays"])
+    finished = [r for r in collect(output, order, []) if r.get("status") == "finished"]
+    for record in finished:
+        run_dir = archive / "runs" / f"{record['method']}-seed{record['seed']}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(json_safe({k: v for k, v in record.items() if k != "archived"}))
+        run_files.write_atomic(run_dir / run_files.RECORD, text + "\n")
+    run_files.write_atomic(archive / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+    say(f"archived {len(finished)} finished runs in {archive}")
+    write_report(archive, settings, collect(archive, order, []))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``cppo study``; the exit status (1 when a run failed; 143 or 130 when SIGTERM or
     SIGINT stopped it: :func:`stop_on_signals`).
@@ -388,9 +418,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.report_only:
         check_settings(output, current)  # refused before the lock: nothing is written
+    archive = None if args.archive is None else Path(args.archive).expanduser().resolve()
+    if archive is not None:
+        if archive == output:
+            raise ConfigError(f"--archive {args.archive}: that is the study folder; give another.")
+        check_settings(archive, current)  # an archive of another study is refused up front
     children = Children()
     with study_lock(output), stop_on_signals(children):
-        return _study(args, output, current, methods, configs, pass_through, children)
+        status = _study(args, output, current, methods, configs, pass_through, children)
+        if archive is not None:
+            archive_study(output, archive)
+        return status
 
 
 def _study(

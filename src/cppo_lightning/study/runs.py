@@ -4,6 +4,11 @@ A run's folder is ``<output>/runs/<method>-seed<seed>``, the ``trainer.default_r
 ``cppo fit``: each attempt writes a ``lightning_logs/version_N`` of its own, and the policy it
 exports at the end (``hf_policy/``) is scored by ``cppo evaluate`` into ``version_N/eval``. The run
 is finished once ``run.json`` (its record, written last and atomically) is there.
+
+A run folder that holds only its ``run.json`` (no ``lightning_logs/``: a study archived with
+``cppo study --archive``, or copied without its checkpoints, policies and logs) is an *archived*
+run: finished, its record taken as written (its curves and figures are in it), since there is
+nothing to rebuild it from.
 """
 
 from __future__ import annotations
@@ -75,19 +80,25 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
-    """The run's record when it finished (its policy and its evaluation results still there);
-    None otherwise. Its paths are made those of ``run_dir``, wherever the study folder was when
-    the record was written (a moved study is still finished)."""
+    """The run's record when it finished (its policy and its evaluation results still there, or
+    the run archived: ``archived`` True, see the module's docstring); None otherwise. Its paths
+    are made those of ``run_dir``, wherever the study folder was when the record was written (a
+    moved study is still finished)."""
     path = run_dir / RECORD
     try:
         record = json.loads(path.read_text())
         log_dir = run_dir / "lightning_logs" / Path(record["log_dir"]).name
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if record.get("status") != "finished":
+        return None
+    archived = not (run_dir / "lightning_logs").exists()
+    if archived and not (isinstance(record.get("figures"), dict) and "curves" in record):
+        return None  # not a record build_record wrote: nothing to report from
     done = (log_dir / POLICY / "config.json").is_file() and (
         log_dir / EVAL_DIR / "results.json"
     ).is_file()
-    if record.get("status") != "finished" or not done:
+    if not (done or archived):
         return None
     logs = run_dir / "lightning_logs"
     return {
@@ -97,6 +108,7 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
         "policy": str(log_dir / POLICY),
         "eval_dir": str(log_dir / EVAL_DIR),
         "attempts": [str(logs / Path(a).name) for a in record.get("attempts", [])],
+        "archived": archived,
     }
 
 
@@ -241,11 +253,43 @@ def evaluation(results_file: Path) -> dict[str, Any]:
     }
 
 
+def code_version() -> dict[str, Any] | None:
+    """The commit of the checkout this package runs from and whether tracked files differ from it
+    (``{"commit": sha, "dirty": bool}``); None when it is not a git checkout (an installed wheel)
+    or git is not there. A study continued over weeks records which code made each run."""
+    import subprocess
+
+    from cppo_lightning.study.settings import repo_root
+
+    root = str(repo_root())
+    try:
+        commit = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30
+        )
+        changes = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0 or changes.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(changes.stdout.strip())}
+
+
 def build_record(
-    method: str, seed: int, run_dir: Path, log_dir: Path, wall_seconds: float | None
+    method: str,
+    seed: int,
+    run_dir: Path,
+    log_dir: Path,
+    wall_seconds: float | None,
+    code: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The record of a finished run: where it is, its evaluation, its curves and its figures
-    (the flat mapping :mod:`cppo_lightning.study.report` aggregates)."""
+    (the flat mapping :mod:`cppo_lightning.study.report` aggregates), and ``code``, the
+    :func:`code_version` that made it."""
     scalars = run_scalars(run_dir, log_dir)
     ev = evaluation(log_dir / EVAL_DIR / "results.json")
     conditions = ev["conditions"]
@@ -296,6 +340,7 @@ def build_record(
         "step_seconds": figures["step_seconds"],
         "tokens_generated": figures["tokens_generated"],
         "wall_seconds": wall_seconds,
+        "code": code,
         "curves": {tag: [[s, v] for s, v in series] for tag, series in curves.items()},
         "figures": figures,
     }
@@ -304,11 +349,15 @@ def build_record(
 def refreshed(record: dict[str, Any]) -> dict[str, Any]:
     """A finished run's record (:func:`read_record`) rebuilt from its logs and evaluation, so that
     a report shows every figure the study code now computes, also for runs finished before a
-    figure was added; its wall time, measured only while it ran, is kept."""
+    figure was added; its wall time, measured only while it ran, is kept. An archived run's
+    record is returned as it is: its logs are not there."""
+    if record.get("archived"):
+        return record
     return build_record(
         record["method"],
         record["seed"],
         Path(record["run_dir"]),
         Path(record["log_dir"]),
         record.get("wall_seconds"),
+        record.get("code"),
     )
