@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from cppo_lightning.errors import ConfigError
 
 #: The method that adds no overlay: the base config itself is CPPO.
@@ -113,6 +115,36 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def data_hash(path: Path) -> str | None:
+    """The sha256 of a YAML file's data (parsed, keys sorted, as JSON): the same for two files
+    that differ only in comments, layout or key order; None for a file that is not YAML or does
+    not parse."""
+    if path.suffix not in (".yaml", ".yml"):
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """A file setting: its path, the sha256 of its bytes and of its YAML data
+    (:func:`data_hash`)."""
+    return {"path": str(path), "sha256": file_hash(path), "data_sha256": data_hash(path)}
+
+
+def same_file(before: dict[str, Any] | None, now: dict[str, Any] | None) -> bool:
+    """Whether two file settings are the same setting: their YAML data when both record it (a
+    comment edited since is no change), else their bytes (a study saved before data hashes)."""
+    if before is None or now is None:
+        return before is None and now is None
+    if before.get("data_sha256") and now.get("data_sha256"):
+        return bool(before["data_sha256"] == now["data_sha256"])
+    return bool(before.get("sha256") == now.get("sha256"))
+
+
 def study_settings(
     configs: Sequence[Path],
     methods: Sequence[Method],
@@ -127,31 +159,32 @@ def study_settings(
     hash, the pass-through flags in order, the evaluation protocol."""
     eval_path = Path(eval_set).expanduser()
     return {
-        "configs": [{"path": str(p), "sha256": file_hash(p)} for p in configs],
+        "configs": [file_entry(p) for p in configs],
         "pass_through": list(pass_through),
         "samples": samples,
         "temperature": temperature,
         "eval_set": {
             "value": eval_set,
             "sha256": file_hash(eval_path) if eval_path.is_file() else None,
+            "data_sha256": data_hash(eval_path) if eval_path.is_file() else None,
         },
         "eval_batch_size": eval_batch_size,
         "overlays": {
-            m.label: None
-            if m.overlay is None
-            else {"path": str(m.overlay), "sha256": file_hash(m.overlay)}
-            for m in methods
+            m.label: None if m.overlay is None else file_entry(m.overlay) for m in methods
         },
     }
 
 
-def _comparable(key: str, value: Any) -> Any:
-    """What must be equal: a file's content, not its path."""
+def _same(key: str, before: Any, now: Any) -> bool:
+    """Whether a shared setting is unchanged: a file's content (:func:`same_file`), not its
+    path; an eval set that is not a file by its value."""
     if key == "configs":
-        return [c["sha256"] for c in value]
+        return len(before) == len(now) and all(map(same_file, before, now))
     if key == "eval_set":
-        return value["sha256"] or value["value"]
-    return value
+        if before["sha256"] is None or now["sha256"] is None:
+            return bool(before["sha256"] == now["sha256"] and before["value"] == now["value"])
+        return same_file(before, now)
+    return bool(before == now)
 
 
 def _shown(key: str, value: Any) -> str:
@@ -182,15 +215,13 @@ def compare_settings(previous: dict[str, Any], current: dict[str, Any]) -> list[
         if key == "pass_through"
         else f"{key}: {_shown(key, previous.get(key))} -> {_shown(key, current[key])}"
         for key in SHARED
-        if key not in previous or _comparable(key, previous[key]) != _comparable(key, current[key])
+        if key not in previous or not _same(key, previous[key], current[key])
     ]
     old = previous.get("overlays", {})
     for label, overlay in current["overlays"].items():
         if label not in old:
             continue
-        before = None if old[label] is None else old[label]["sha256"]
-        now = None if overlay is None else overlay["sha256"]
-        if before != now:
+        if not same_file(old[label], overlay):
             changes.append(
                 f"method {label}: overlay "
                 f"{'none' if old[label] is None else old[label]['path']} -> "
