@@ -354,3 +354,24 @@ def test_a_second_study_on_the_same_folder_is_refused_while_the_first_runs(tmp_p
             pass
     with study_lock(output):  # released when the first ended
         pass
+
+
+def test_an_archived_run_is_named_with_the_commit_that_made_it_not_a_missing_folder():
+    from cppo_lightning.study.report import runs_table
+
+    here = {**_record("grpo", 0, 0.2), "log_dir": "runs/s/runs/grpo-seed0/lightning_logs/version_0"}
+    made = {
+        **_record("grpo", 1, 0.2),
+        "archived": True,
+        "code": {"commit": "5657541" + "0" * 33, "dirty": True},
+    }
+    bare = {**_record("grpo", 2, 0.2), "archived": True, "code": None}
+    cells = [
+        line.rsplit("|", 2)[1].strip()
+        for line in runs_table([here, made, bare], 4).splitlines()[2:]
+    ]
+    assert cells == [
+        "runs/s/runs/grpo-seed0/lightning_logs/version_0",
+        "archived, made at 5657541+",
+        "archived",
+    ]

@@ -198,9 +198,20 @@ def runs_table(records: Sequence[dict[str, Any]], samples: int) -> str:
             f"{format_value(f.get('val_accuracy_end'), 'pct')} | "
             f"{format_value(f.get('step_seconds'), 's')} | "
             f"{format_value(f.get('tokens_generated'), 'n')} | "
-            f"{format_value(f.get('wall_seconds'), 's')} | {r.get('log_dir', '')} |"
+            f"{format_value(f.get('wall_seconds'), 's')} | {_run_cell(r)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _run_cell(record: dict[str, Any]) -> str:
+    """Where the run is: its version folder, or for an archived run (its folder is not there)
+    ``archived`` and the commit that made it, when recorded (``+`` for changed tracked files)."""
+    if not record.get("archived"):
+        return str(record.get("log_dir", ""))
+    code = record.get("code") or {}
+    if not code.get("commit"):
+        return "archived"
+    return f"archived, made at {code['commit'][:7]}{'+' if code.get('dirty') else ''}"
 
 
 def _accuracy_cell(entry: dict[str, Any]) -> str:
