@@ -117,6 +117,15 @@ def test_other_settings_are_refused_with_what_differs(tmp_path, monkeypatch, cap
     assert "--seed_everything=3" in err
 
 
+def test_an_archive_that_is_the_study_folder_or_a_file_is_refused(tmp_path, monkeypatch, capsys):
+    err = _refused(tmp_path, monkeypatch, capsys, "--archive", str(tmp_path / "study"))
+    assert "that is the study folder" in err
+    (tmp_path / "file").write_text("x")
+    err = _refused(tmp_path, monkeypatch, capsys, "--archive", str(tmp_path / "file"))
+    assert "not a folder" in err
+    assert not (tmp_path / "study").exists()
+
+
 def test_a_failed_run_is_named_with_its_log_and_the_others_go_on(tmp_path):
     # model.kl_coef < 0 is refused by cppo fit before training: both runs fail, one after the other.
     done = _study(tmp_path, "--model.kl_coef=-1")

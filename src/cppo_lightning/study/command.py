@@ -422,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     if archive is not None:
         if archive == output:
             raise ConfigError(f"--archive {args.archive}: that is the study folder; give another.")
+        if archive.exists() and not archive.is_dir():
+            raise ConfigError(f"--archive {args.archive}: not a folder; give a folder's path.")
         check_settings(archive, current)  # an archive of another study is refused up front
     children = Children()
     with study_lock(output), stop_on_signals(children):
